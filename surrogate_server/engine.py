@@ -1,0 +1,293 @@
+"""The surrogate engine: per-position top-k surrogate log-probs over a permitted vocabulary.
+
+One component computes SDCE guidance (SDCE.md §2, §3, §6) both in the trainer's
+process and inside the surrogate server. It runs the surrogate's decoder once over a
+batch, then the lm_head, an fp32 log-softmax over the *full* vocabulary and a top-k
+over the permitted ids, chunk by chunk, so the full ``[B, T, V]`` logits never exist.
+
+Usage::
+
+    engine = SurrogateEngine.from_pretrained("Qwen/Qwen3-0.6B")
+    out = engine.topk(input_ids, attention_mask, k=31, permitted=permitted)
+    out.logprobs  # [B, T, 31] float32, descending, -inf in empty slots
+    out.ids       # [B, T, 31] int64 surrogate ids, -1 in empty slots
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Config fields that change logits after the lm_head in some architectures and that the
+# engine does not reproduce; named in the error when the self-check fails.
+_LOGIT_MODIFIERS = ("logit_scale", "logits_scaling", "output_multiplier", "logits_soft_cap", "dim_model_base")
+
+
+@dataclass
+class TopK:
+    """Top-k surrogate guidance for a batch.
+
+    Attributes:
+        logprobs: [B, T, k] float32 log-probs normalised over the full surrogate
+            vocabulary, descending along the last axis; -inf in empty slots.
+        ids: [B, T, k] int64 surrogate token ids; -1 in empty slots.
+    """
+
+    logprobs: Tensor
+    ids: Tensor
+
+
+class SurrogateEngine:
+    """Wraps a causal LM and answers :meth:`topk` queries, one call at a time.
+
+    Memory: besides the decoder's activations for the batch, at most one block of
+    ``chunk_tokens x V`` logits exists at a time: ``chunk_tokens * V * 4`` bytes of fp32
+    logits plus as much again for their log-softmax (plus, for a bf16/fp16 model, a
+    transient ``chunk_tokens * V * 2`` bytes lm_head output before the upcast). For
+    Qwen3 (V = 151936) and the default 1024 chunk that is about 1.25 GB.
+
+    Outputs stay on the engine's device (``self.device``); the caller moves them.
+    Positions are aligned 1:1 with the input (position ids are ``0..T-1`` whatever the
+    mask), as SDCE §2 requires.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: Any = None, *, chunk_tokens: int = 1024) -> None:
+        """Args:
+        model: a causal LM (``...ForCausalLM``); put in eval mode, gradients off.
+        tokenizer: the surrogate's tokenizer; needed only by :meth:`vocabulary_spec`.
+        chunk_tokens: flattened positions per lm_head/log-softmax/top-k block.
+        """
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.chunk_tokens = chunk_tokens
+        self._decoder: nn.Module = model.get_decoder()
+        self._lm_head = model.get_output_embeddings()
+        if self._lm_head is None or self._decoder is model:
+            raise ValueError(f"{type(model).__name__} is not a causal LM with a separate decoder and lm_head; "
+                             "load it with AutoModelForCausalLM")
+        self._softcap: float | None = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        self.vocab_size: int = self._lm_head.weight.shape[0]
+        self.device: torch.device = self._lm_head.weight.device
+        self.dtype: torch.dtype = self._lm_head.weight.dtype
+        self._lock = threading.Lock()
+        self._vocabulary_spec: Any = None
+        self._check_logits_match_model()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        chunk_tokens: int = 1024,
+        attn_implementation: str = "sdpa",
+        trust_remote_code: bool = False,
+    ) -> SurrogateEngine:
+        """Load model and tokenizer from a Hub name or a local directory.
+
+        Args:
+            device: "auto" (cuda if available, else cpu) or any torch device string.
+            dtype: "auto" (bfloat16 on cuda, float32 otherwise), "bfloat16", "float16", "float32".
+        """
+        torch_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        torch_dtype = _resolve_dtype(dtype, torch_device)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=torch_dtype, attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code)
+        except OSError as err:
+            raise _load_error(name_or_path, "model", err) from err
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise _load_error(name_or_path, "tokenizer", err) from err
+        return cls(model.to(torch_device), tokenizer, chunk_tokens=chunk_tokens)
+
+    def topk(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        k: int,
+        permitted: Tensor | None = None,
+        logprob_floor: float | None = None,
+    ) -> TopK:
+        """Top-k permitted surrogate tokens per position, by full-vocabulary log-prob.
+
+        Args:
+            input_ids: [B, T] surrogate ids in [0, vocab_size), placeholders included.
+            attention_mask: [B, T], 1 = real token, 0 = placeholder nobody attends to
+                (zeros may sit anywhere, SDCE §2).
+            k: slots per position (>= 1). Slots beyond the number of permitted ids are empty.
+            permitted: bool [<= vocab_size]; ids at or beyond its length are not
+                permitted. None permits every id.
+            logprob_floor: entries with log-prob below it become empty.
+
+        Returns:
+            TopK on ``self.device``. A position whose query attends to no key (every
+            position up to and including it is masked), or whose log-probs come out
+            non-finite, is an empty row.
+        """
+        self._validate(input_ids, attention_mask, k, permitted)
+        with self._lock:
+            out = self._topk(input_ids, attention_mask, k, permitted, logprob_floor)
+        # Inference tensors cannot be saved for backward: clone outside inference mode so
+        # the trainer can use them in its loss graph (cost: B*T*k elements).
+        return TopK(logprobs=out.logprobs.clone(), ids=out.ids.clone())
+
+    def vocabulary_spec(self) -> Any:
+        """The tokenizer's vocabulary spec (``trainer.vocab.vocabulary_spec``), computed once."""
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer; pass one to SurrogateEngine(model, tokenizer)")
+        if self._vocabulary_spec is None:
+            from trainer.vocab import vocabulary_spec  # imported late: the engine runs without the trainer
+
+            self._vocabulary_spec = vocabulary_spec(self.tokenizer)
+        return self._vocabulary_spec
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary of the loaded surrogate."""
+        config = self.model.config
+        return {
+            "model": getattr(config, "_name_or_path", "") or type(self.model).__name__,
+            "architecture": type(self.model).__name__,
+            "vocab_size": self.vocab_size,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "chunk_tokens": self.chunk_tokens,
+            "attn_implementation": getattr(config, "_attn_implementation", None),
+        }
+
+    @torch.inference_mode()
+    def _topk(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None,
+              logprob_floor: float | None) -> TopK:
+        """The computation behind :meth:`topk`, on validated inputs."""
+        batch, length = input_ids.shape
+        if batch * length == 0:
+            return TopK(logprobs=torch.full((batch, length, k), float("-inf"), device=self.device),
+                        ids=torch.full((batch, length, k), -1, dtype=torch.long, device=self.device))
+        input_ids = input_ids.to(self.device, torch.long)
+        attention_mask = attention_mask.to(self.device, torch.long)
+        hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        hidden = hidden.reshape(batch * length, -1)  # [N, H]
+        forbidden = None if permitted is None else ~self._full_permitted(permitted)  # [V]
+        k_eff = min(k, self.vocab_size)
+        blocks = [self._block_topk(hidden[i:i + self.chunk_tokens], forbidden, k_eff)
+                  for i in range(0, hidden.shape[0], self.chunk_tokens)]
+        values = torch.cat([v for v, _ in blocks]).view(batch, length, k_eff)
+        ids = torch.cat([i for _, i in blocks]).view(batch, length, k_eff)
+        attends_to_nothing = attention_mask.cumsum(dim=-1) == 0  # [B, T]
+        return _empty_where_invalid(values, ids, attends_to_nothing, logprob_floor, k)
+
+    def _block_topk(self, hidden: Tensor, forbidden: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+        """[n, H] hidden states -> ([n, k] float32 log-probs, [n, k] int64 ids).
+
+        Peak memory n*V*8 bytes: fp32 logits and their log-softmax.
+        """
+        logits = self._logits(hidden)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        del logits
+        if forbidden is not None:
+            logprobs.masked_fill_(forbidden, float("-inf"))
+        return logprobs.topk(k, dim=-1)
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        """[n, H] final hidden states -> [n, V] float32 logits, soft-capped in place if the model does."""
+        logits = self._lm_head(hidden).float()
+        if self._softcap is not None:
+            logits.div_(self._softcap).tanh_().mul_(self._softcap)
+        return logits
+
+    def _full_permitted(self, permitted: Tensor) -> Tensor:
+        """Bool [len] -> bool [vocab_size] on the engine's device, False past ``len``."""
+        full = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+        full[: permitted.shape[0]] = permitted.to(self.device)
+        return full
+
+    def _validate(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> None:
+        """Raise ValueError naming the first problem with the arguments of :meth:`topk`."""
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} "
+                             f"must equal input_ids shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.vocab_size}) (the surrogate vocabulary), got values "
+                             f"in [{int(input_ids.min())}, {int(input_ids.max())}]; give placeholders a valid id")
+        if ((attention_mask != 0) & (attention_mask != 1)).any():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        if permitted is not None and (permitted.dtype != torch.bool or permitted.dim() != 1
+                                      or permitted.shape[0] > self.vocab_size):
+            raise ValueError(f"permitted must be a 1-D bool tensor of length <= {self.vocab_size}, "
+                             f"got {permitted.dtype} of shape {tuple(permitted.shape)}")
+
+    def _check_logits_match_model(self) -> None:
+        """Check on a tiny probe that decoder + lm_head (+ softcap) reproduce model(...).logits.
+
+        Catches architectures that transform logits in their forward in a way the
+        engine does not reproduce (e.g. Granite's logits_scaling, Cohere's logit_scale).
+        """
+        probe = torch.arange(4, device=self.device).remainder(self.vocab_size).unsqueeze(0)  # [1, 4]
+        with torch.inference_mode():
+            expected = self.model(input_ids=probe, use_cache=False).logits.float()[0]  # [4, V]
+            logits = self._logits(self._decoder(input_ids=probe, use_cache=False)[0][0])
+        tolerance = (1e-4 if self.dtype == torch.float32 else 2e-2) * max(1.0, expected.abs().max().item())
+        if not torch.allclose(logits, expected, rtol=0.0, atol=tolerance):
+            present = [name for name in _LOGIT_MODIFIERS if getattr(self.model.config, name, None) is not None]
+            raise ValueError(f"{type(self.model).__name__} changes its logits after the lm_head in a way the "
+                             f"engine does not reproduce (config fields: {present or 'none known'}); "
+                             "use a surrogate architecture such as Llama, Qwen2/3, Gemma or GPT-2")
+
+
+def _empty_where_invalid(values: Tensor, ids: Tensor, empty_rows: Tensor, floor: float | None, k: int) -> TopK:
+    """Blank non-finite, below-floor and ``empty_rows`` entries; pad the last axis to k.
+
+    values/ids: [B, T, k'] with k' <= k; empty_rows: bool [B, T].
+    """
+    bad_rows = empty_rows | torch.isnan(values).any(-1) | torch.isposinf(values).any(-1)
+    keep = torch.isfinite(values) & ~bad_rows.unsqueeze(-1)
+    if floor is not None:
+        keep &= values >= floor
+    values = values.masked_fill(~keep, float("-inf"))
+    ids = ids.masked_fill(~keep, -1)
+    if values.shape[-1] < k:
+        pad = k - values.shape[-1]
+        values = nn.functional.pad(values, (0, pad), value=float("-inf"))
+        ids = nn.functional.pad(ids, (0, pad), value=-1)
+    return TopK(logprobs=values, ids=ids)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" -> bfloat16 on cuda, float32 elsewhere; otherwise a name from _DTYPES."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _load_error(name_or_path: str, what: str, err: Exception) -> ValueError:
+    """A ValueError explaining why ``what`` could not be loaded from ``name_or_path``."""
+    if os.path.isdir(name_or_path):
+        return ValueError(f"could not load the {what} from the local directory {name_or_path!r}: {err}")
+    from huggingface_hub import is_offline_mode
+
+    reason = ("the Hub is offline (HF_HUB_OFFLINE=1)" if is_offline_mode()
+              else "it is not on the Hub, or the Hub is unreachable")
+    return ValueError(f"could not load the {what} {name_or_path!r}: it is not a local directory and {reason}, "
+                      f"and it is not in the local cache. Pass the path of a local directory saved with "
+                      f"save_pretrained instead. ({err})")

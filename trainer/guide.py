@@ -1,0 +1,118 @@
+"""Guidance for training batches: surrogate top-k in, fixed-size base-id candidates out.
+
+A *source* is anything with ``topk(input_ids, attention_mask, k, permitted,
+logprob_floor) -> TopK``: the in-process ``SurrogateEngine`` or a remote client of
+the surrogate server. ``Guide`` runs SDCE.md §2-§3 around it: map base ids to
+surrogate ids, ask for the top k (+1 so the target can be dropped), select the
+candidates. ``guided_batches`` attaches them to each micro-batch, optionally
+requesting a few micro-batches ahead in a background thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import math
+from typing import Any, Iterable, Iterator, Protocol
+
+import torch
+
+from trainer.guidance import select_candidates, surrogate_inputs
+from trainer.vocab import VocabAlignment, VocabularySpec
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+class SurrogateSource(Protocol):
+    def topk(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        k: int,
+        permitted: torch.Tensor | None = None,
+        logprob_floor: float | None = None,
+    ) -> Any: ...
+
+
+def placeholder_id(spec: VocabularySpec) -> int:
+    """The surrogate id put where a base token has no surrogate match (it is masked anyway)."""
+    for role in ("pad", "eos", "unk", "bos"):
+        if role in spec.special_tokens:
+            return spec.special_tokens[role]
+    return 0
+
+
+class Guide:
+    """Computes ``(cand_ids, cand_logprobs)`` [B,T,k] for a micro-batch (SDCE.md §2-§3)."""
+
+    def __init__(
+        self,
+        source: SurrogateSource,
+        alignment: VocabAlignment,
+        *,
+        k: int,
+        threshold: float,
+        loss_type: str,
+        placeholder: int = 0,
+    ):
+        self.source = source
+        self.alignment = alignment
+        self.k = k
+        self.exclude_target = loss_type == "surrogate"
+        # kl keeps the target and applies no threshold (SDCE.md §3).
+        self.threshold = threshold if self.exclude_target else 0.0
+        self.request_k = k + 1 if self.exclude_target else k
+        self.logprob_floor = math.log(self.threshold) if self.threshold > 0 else None
+        self.placeholder = placeholder
+        self._on_device: dict[torch.device, VocabAlignment] = {}
+
+    def _alignment_on(self, device: torch.device) -> VocabAlignment:
+        if device not in self._on_device:
+            self._on_device[device] = self.alignment.to(device)
+        return self._on_device[device]
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, labels [B,T] (CPU) -> cand_ids [B,T,k] long, cand_logprobs [B,T,k] float32 (source's device)."""
+        s_ids, s_mask = surrogate_inputs(input_ids, self.alignment, self.placeholder)
+        top = self.source.topk(s_ids, s_mask, self.request_k, self.alignment.permitted, self.logprob_floor)
+        alignment = self._alignment_on(top.ids.device)
+        return select_candidates(
+            top.ids,
+            top.logprobs,
+            labels.to(top.ids.device),
+            alignment,
+            self.k,
+            self.threshold,
+            exclude_target=self.exclude_target,
+        )
+
+    def attach(self, batch: Batch) -> Batch:
+        cand_ids, cand_logprobs = self(batch["input_ids"], batch["labels"])
+        return {**batch, "cand_ids": cand_ids, "cand_logprobs": cand_logprobs}
+
+
+def guided_batches(batches: Iterable[Batch], guide: Guide | None, prefetch_depth: int = 0) -> Iterator[Batch]:
+    """Yield the batches with guidance attached, computed up to ``prefetch_depth`` batches ahead.
+
+    With ``prefetch_depth == 0`` guidance is computed inline, right before the
+    batch is yielded; otherwise a background thread works on the next batches
+    while the caller trains on the current one. Order is always preserved.
+    """
+    if guide is None:
+        yield from batches
+        return
+    if prefetch_depth == 0:
+        for batch in batches:
+            yield guide.attach(batch)
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guidance") as pool:
+        pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        for batch in batches:
+            pending.append(pool.submit(guide.attach, batch))
+            if len(pending) > prefetch_depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

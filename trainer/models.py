@@ -1,0 +1,112 @@
+"""Loading the base model, its tokenizer and the surrogate guidance (hub names or local paths)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from trainer.config import ModelConfig, TrainConfig
+from trainer.device import Backend
+from trainer.guide import Guide, placeholder_id
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hub_is_offline() -> bool:
+    return any(os.environ.get(var, "").lower() in ("1", "true", "yes") for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@contextlib.contextmanager
+def explain_hub_errors(name: str, what: str) -> Iterator[None]:
+    """Turn 'cannot reach the hub' failures for a non-local name into a ValueError that says what to do."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if Path(name).exists():
+            raise
+        where = "the Hugging Face hub is offline (HF_HUB_OFFLINE=1)" if hub_is_offline() else "it could not be loaded from the Hugging Face hub"
+        raise ValueError(
+            f"{what} {name!r} is not a local directory and {where}: pass a local path "
+            f"(a directory written by save_pretrained) or run where the hub is reachable. Cause: {err}"
+        ) from err
+
+
+def load_tokenizer(cfg: ModelConfig):
+    name = cfg.tokenizer or cfg.name_or_path
+    with explain_hub_errors(name, "base tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {name!r} has no EOS token; packing needs one to separate documents")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(cfg: ModelConfig, tokenizer, backend: Backend, weights_from: Path | None = None) -> PreTrainedModel:
+    """The base model on the backend's device: pretrained, from a checkpoint, or freshly initialised."""
+    dtype = TORCH_DTYPES.get(cfg.dtype, torch.float32)
+    common = {"dtype": dtype, "attn_implementation": cfg.attn_implementation, "trust_remote_code": cfg.trust_remote_code}
+    if weights_from is not None:
+        model = AutoModelForCausalLM.from_pretrained(weights_from, **common)
+    elif cfg.init_from_scratch:
+        with explain_hub_errors(cfg.name_or_path, "base model config"):
+            config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, **common)
+    else:
+        with explain_hub_errors(cfg.name_or_path, "base model"):
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **common)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's output layer only {vocab}: "
+            "use the model's own tokenizer (--base_tokenizer) or resize the model"
+        )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    log.info("base model %s: %.1fM parameters, %s", cfg.name_or_path, model.num_parameters() / 1e6, dtype)
+    return model.to(backend.device)
+
+
+def build_guide(config: TrainConfig, tokenizer, backend: Backend, sample_text: str) -> Guide | None:
+    """The surrogate guidance for this run, or None for standard training.
+
+    ``sample_text`` (some training text) gives the alignment's coverage figure.
+    """
+    if config.training.loss_type == "standard":
+        return None
+    from trainer.vocab import align_vocabularies
+
+    scfg = config.surrogate
+    if scfg.endpoint:
+        from trainer.remote import connect_surrogate
+
+        source = connect_surrogate(scfg)
+        spec = source.vocabulary_spec()
+    else:
+        from surrogate_server.engine import SurrogateEngine
+
+        with explain_hub_errors(scfg.name_or_path, "surrogate model"):
+            source = SurrogateEngine.from_pretrained(
+                scfg.name_or_path, device=str(backend.device), dtype=scfg.dtype, chunk_tokens=scfg.chunk_tokens
+            )
+        spec = source.vocabulary_spec()
+    alignment = align_vocabularies(tokenizer, spec, sample_text=sample_text, min_coverage=scfg.min_coverage)
+    log.info("vocabulary alignment: %s", alignment)
+    return Guide(
+        source,
+        alignment,
+        k=scfg.k,
+        threshold=scfg.probability_threshold,
+        loss_type=config.training.loss_type,
+        placeholder=placeholder_id(spec),
+    )
+

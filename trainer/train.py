@@ -1,0 +1,365 @@
+"""The training loop: data -> guidance -> SDCE loss -> optimizer step -> log / eval / checkpoint.
+
+``train(config)`` is all a caller needs; each component has one job and lives in
+its own module (data, guide, losses, checkpoint, tracking, device).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup, set_seed
+
+from trainer.checkpoint import Progress, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.data import build_lm_datasets
+from trainer.device import Backend, init_backend, main_process_first
+from trainer.guide import Batch, Guide, guided_batches
+from trainer.losses import sdce_loss
+from trainer.models import build_guide, load_base_model, load_tokenizer
+from trainer.schedules import surrogate_weight
+from trainer.tracking import NullTracker, Tracker
+
+log = logging.getLogger("trainer")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    eval_loss: float | None
+    perplexity: float | None
+    wall_seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class StepPlan:
+    """How many micro-batches make an epoch and how many optimizer steps the run takes."""
+
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def make(cls, micro_batches_per_epoch: int, cfg: Any) -> "StepPlan":
+        steps_per_epoch = micro_batches_per_epoch // cfg.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"one epoch holds {micro_batches_per_epoch} micro-batches per rank, fewer than "
+                f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: lower the batch size, "
+                "the accumulation steps or max_seq_length, or add data"
+            )
+        total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * steps_per_epoch)
+        return cls(micro_batches_per_epoch, steps_per_epoch, total)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, backend: Backend):
+        self.config = config
+        self.backend = backend
+        cfg = config.training
+        self.output_dir = Path(cfg.output_dir)
+        self._check_output_dir()
+        set_seed(cfg.seed)
+        self.resume_from = resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
+        self.tokenizer = load_tokenizer(config.model)
+        with main_process_first(backend):
+            self.train_set, self.eval_set = build_lm_datasets(config.data, self.tokenizer, seed=cfg.seed)
+        self.model = load_base_model(config.model, self.tokenizer, backend, weights_from=self.resume_from)
+        self.guide: Guide | None = build_guide(config, self.tokenizer, backend, self._text_sample())
+        self.ddp_model = backend.wrap_model(self.model)
+        self.plan = StepPlan.make(len(self._loader(epoch=0)), cfg)
+        self.optimizer = self._optimizer()
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.plan.total_steps)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.plan.total_steps)
+        self.scaler = backend.grad_scaler()
+        self.progress = Progress(world_size=backend.world_size)
+        if self.resume_from is not None:
+            self.progress = self._resume(self.resume_from)
+        self.tracker = self._tracker()
+
+    # -- set-up -----------------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        cfg = self.config.training
+        existing = latest_checkpoint(self.output_dir)
+        if existing and cfg.resume_from_checkpoint is None and not cfg.overwrite_output_dir:
+            raise ValueError(
+                f"{self.output_dir} already holds {existing.name}: pass --resume_from_checkpoint latest to "
+                "continue, --overwrite_output_dir to start afresh, or another --output_dir"
+            )
+
+    def _tracker(self) -> NullTracker:
+        if not self.backend.is_main:
+            return NullTracker()
+        cfg = self.config.training
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.config.save(self.output_dir / "config.yaml")
+        log.info("resolved config:\n%s", self.config.to_yaml())
+        return Tracker(
+            self.output_dir, wandb_project=cfg.wandb_project, run_name=cfg.wandb_run_name, config=self.config.to_dict()
+        )
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config.training
+        decay, no_decay = [], []
+        for param in self.model.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.backend.kind == "cuda"
+        return torch.optim.AdamW(
+            groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None
+        )
+
+    def _resume(self, path: Path) -> Progress:
+        progress = load_checkpoint(
+            path, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, backend=self.backend
+        )
+        if progress.world_size != self.backend.world_size and progress.micro_batch:
+            raise ValueError(
+                f"{path.name} stopped mid-epoch with {progress.world_size} ranks; resuming with "
+                f"{self.backend.world_size} would change which rank reads which batches. Resume with "
+                f"{progress.world_size} ranks, or from a checkpoint saved at an epoch boundary"
+            )
+        log.info("resuming from %s at step %d (epoch %d, micro-batch %d)", path, progress.step, progress.epoch, progress.micro_batch)
+        return progress
+
+    # -- data -------------------------------------------------------------------
+    def _text_sample(self, blocks: int = 8) -> str:
+        """Some training text, decoded back from the first blocks (for the alignment coverage figure)."""
+        ids = self.train_set[: min(blocks, len(self.train_set))]["input_ids"]
+        return self.tokenizer.decode(torch.as_tensor(ids).flatten().tolist())
+
+    def _loader(self, epoch: int, dataset: Any = None, batch_size: int | None = None, shuffle: bool = True) -> DataLoader:
+        cfg = self.config.training
+        dataset = self.train_set if dataset is None else dataset
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=self.backend.world_size,
+            rank=self.backend.rank,
+            shuffle=shuffle,
+            seed=cfg.seed,
+            drop_last=shuffle,
+        )
+        sampler.set_epoch(epoch)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or cfg.per_device_train_batch_size,
+            sampler=sampler,
+            drop_last=shuffle,
+            num_workers=self.config.data.num_workers,
+            pin_memory=self.backend.kind == "cuda",
+        )
+
+    def _micro_batches(self) -> Iterator[Batch]:
+        """Training micro-batches from the saved position on, epoch after epoch."""
+        epoch, skip = self.progress.epoch, self.progress.micro_batch
+        per_epoch = self.plan.steps_per_epoch * self.config.training.gradient_accumulation_steps
+        while True:
+            loader = self._loader(epoch)
+            yield from itertools.islice(loader, skip, per_epoch)
+            epoch, skip = epoch + 1, 0
+
+    def _advance(self, micro_batches: int) -> None:
+        per_epoch = self.plan.steps_per_epoch * self.config.training.gradient_accumulation_steps
+        position = self.progress.micro_batch + micro_batches
+        self.progress.epoch += position // per_epoch
+        self.progress.micro_batch = position % per_epoch
+
+    # -- the loop ---------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.config.training
+        start = time.perf_counter()
+        batches = guided_batches(self._micro_batches(), self.guide, self.config.surrogate.prefetch_depth if self.config.surrogate.endpoint else 0)
+        window = MetricWindow(self.backend.device)
+        history: list[dict[str, float]] = []
+        bar = tqdm(
+            total=self.plan.total_steps, initial=self.progress.step, disable=not (self.backend.is_main and cfg.progress_bar),
+            desc="train", dynamic_ncols=True,
+        )
+        self.ddp_model.train()
+        while self.progress.step < self.plan.total_steps:
+            micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+            self.train_step(micro, window)
+            self.progress.step += 1
+            self._advance(len(micro))
+            bar.update(1)
+            step = self.progress.step
+            if step % cfg.logging_steps == 0 or step == self.plan.total_steps:
+                record = window.flush(lr=self.scheduler.get_last_lr()[0], epoch=self._epoch_float())
+                history.append({"step": step, **record})
+                self.tracker.log(record, step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.plan.total_steps:
+                self._evaluate_and_log(step)
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                self._save_checkpoint()
+        bar.close()
+        batches.close()
+        eval_metrics = self._evaluate_and_log(self.progress.step)
+        self._save_final()
+        wall = time.perf_counter() - start
+        self.tracker.summary({**eval_metrics, "wall_seconds": wall})
+        self.tracker.finish()
+        return TrainResult(
+            self.output_dir, self.progress.step, eval_metrics.get("eval_loss"), eval_metrics.get("eval_perplexity"), wall, history
+        )
+
+    def train_step(self, micro: list[Batch], window: "MetricWindow") -> None:
+        """One optimizer step over ``micro`` (gradient accumulation with the global label count)."""
+        cfg = self.config.training
+        backend = self.backend
+        lam = surrogate_weight(
+            self.progress.step, self.plan.total_steps, self.config.surrogate.loss_weight_initial, self.config.surrogate.loss_weight_final
+        )
+        local_labels = sum(int((b["labels"] != -100).sum()) for b in micro)
+        num_labels = backend.all_reduce_sum(torch.tensor(float(local_labels), device=backend.device))
+        for i, batch in enumerate(micro):
+            with backend.no_sync(self.ddp_model, last_micro_batch=i == len(micro) - 1), backend.autocast():
+                batch = {k: v.to(backend.device, non_blocking=True) for k, v in batch.items()}
+                logits = self.ddp_model(input_ids=batch["input_ids"]).logits
+                loss, parts = sdce_loss(
+                    logits,
+                    batch["labels"],
+                    batch.get("cand_ids"),
+                    batch.get("cand_logprobs"),
+                    loss_type=cfg.loss_type,
+                    surrogate_weight=lam,
+                    num_labels=num_labels,
+                    z_loss_multiplier=cfg.z_loss_multiplier,
+                )
+            # DDP averages gradients over ranks; the loss is already a share of the global sum.
+            self.scaler.scale(loss * backend.world_size).backward()
+            window.add(loss.detach(), parts, tokens=batch["input_ids"].numel() * backend.world_size)
+        self.scaler.unscale_(self.optimizer)
+        if cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        backend.optimizer_step(self.optimizer, self.scaler)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        backend.mark_step()
+        window.end_step(grad_norm.detach(), lam, local_labels)
+        self.progress.tokens_seen += sum(b["input_ids"].numel() for b in micro) * backend.world_size
+
+    def _epoch_float(self) -> float:
+        per_epoch = self.plan.steps_per_epoch * self.config.training.gradient_accumulation_steps
+        return self.progress.epoch + self.progress.micro_batch / per_epoch
+
+    # -- evaluation and saving --------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-level cross-entropy and perplexity of the eval set (all ranks together)."""
+        cfg = self.config.training
+        self.ddp_model.eval()
+        total = torch.zeros(2, device=self.backend.device, dtype=torch.float64)
+        loader = self._loader(0, self.eval_set, cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size, shuffle=False)
+        for batch in loader:
+            batch = {k: v.to(self.backend.device) for k, v in batch.items()}
+            with self.backend.autocast():
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            _, parts = sdce_loss(logits, batch["labels"], None, None, loss_type="standard", surrogate_weight=0.0, num_labels=1)
+            total += torch.stack([parts["ce"].double(), parts["num_labels"].double()])
+            self.backend.mark_step()
+        self.backend.all_reduce_sum(total)
+        self.ddp_model.train()
+        ce_sum, count = total.tolist()
+        loss = ce_sum / max(count, 1.0)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+    def _evaluate_and_log(self, step: int) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.tracker.log(metrics, step)
+        return metrics
+
+    def _save_checkpoint(self) -> Path:
+        return save_checkpoint(
+            self.output_dir,
+            self.progress,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            config_yaml=self.config.to_yaml(),
+            backend=self.backend,
+            save_total_limit=self.config.training.save_total_limit,
+        )
+
+    def _save_final(self) -> None:
+        if self.backend.is_main:
+            self.model.save_pretrained(self.output_dir, state_dict=self.backend.host_state_dict(self.model))
+            self.tokenizer.save_pretrained(self.output_dir)
+            log.info("final model saved to %s", self.output_dir)
+        self.backend.barrier()
+
+
+class MetricWindow:
+    """Running sums of step metrics on the device; read back (one host sync) only at logging steps."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def _add(self, name: str, value: torch.Tensor | float) -> None:
+        value = torch.as_tensor(value, device=self.device, dtype=torch.float32)
+        self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], tokens: int) -> None:
+        self._add("loss", loss)
+        for name in ("ce", "aux", "z_loss", "guided_positions"):
+            if name in parts:
+                self._add(name, parts[name])
+        self.tokens += tokens
+
+    def end_step(self, grad_norm: torch.Tensor, lam: float, local_labels: int) -> None:
+        self._add("grad_norm", grad_norm)
+        self._add("lambda", lam)
+        self._add("labels", local_labels)
+        self.steps += 1
+
+    def flush(self, **extra: float) -> dict[str, float]:
+        values = {k: v.item() for k, v in self.sums.items()}
+        elapsed = time.perf_counter() - self.started
+        steps = max(self.steps, 1)
+        record = {
+            "loss": values["loss"] / steps,
+            "ce": values["ce"] / steps,
+            "surrogate_term": values.get("aux", 0.0) / steps,
+            "lambda": values["lambda"] / steps,
+            "grad_norm": values["grad_norm"] / steps,
+            "guided_share": values.get("guided_positions", 0.0) / max(values["labels"], 1.0),
+            "tokens_per_s": self.tokens / max(elapsed, 1e-9),
+            **extra,
+        }
+        if "z_loss" in values:
+            record["z_loss"] = values["z_loss"] / steps
+        self._reset()
+        return record
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run one training job end to end; returns the final evaluation."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    backend = init_backend(config.training)
+    try:
+        return Trainer(config, backend).train()
+    finally:
+        backend.shutdown()
