@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 
 
+class SurrogateUnavailable(RuntimeError):
+    """The surrogate could not answer in time (a remote server down past its retry deadline)."""
+
+
 class SurrogateSource(Protocol):
     def topk(
         self,
@@ -57,6 +61,7 @@ class Guide:
         threshold: float,
         loss_type: str,
         placeholder: int = 0,
+        on_failure: str = "fail",
     ):
         self.source = source
         self.alignment = alignment
@@ -67,6 +72,8 @@ class Guide:
         self.request_k = k + 1 if self.exclude_target else k
         self.logprob_floor = math.log(self.threshold) if self.threshold > 0 else None
         self.placeholder = placeholder
+        self.on_failure = on_failure
+        self.unguided_batches = 0  # batches trained on CE alone because the surrogate was unavailable
         self._on_device: dict[torch.device, VocabAlignment] = {}
 
     def _alignment_on(self, device: torch.device) -> VocabAlignment:
@@ -90,7 +97,17 @@ class Guide:
         )
 
     def attach(self, batch: Batch) -> Batch:
-        cand_ids, cand_logprobs = self(batch["input_ids"], batch["labels"])
+        """The batch with its candidates; empty candidates (CE alone) when the surrogate is down and on_failure is skip."""
+        try:
+            cand_ids, cand_logprobs = self(batch["input_ids"], batch["labels"])
+        except SurrogateUnavailable:
+            if self.on_failure != "skip":
+                raise
+            self.unguided_batches += 1
+            log.warning("surrogate unavailable: training this batch on cross-entropy alone (%d so far)", self.unguided_batches)
+            shape = (*batch["labels"].shape, self.k)
+            cand_ids = torch.full(shape, -1, dtype=torch.long)
+            cand_logprobs = torch.full(shape, float("-inf"), dtype=torch.float32)
         return {**batch, "cand_ids": cand_ids, "cand_logprobs": cand_logprobs}
 
 

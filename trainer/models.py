@@ -108,5 +108,6 @@ def build_guide(config: TrainConfig, tokenizer, backend: Backend, sample_text: s
         threshold=scfg.probability_threshold,
         loss_type=config.training.loss_type,
         placeholder=placeholder_id(spec),
+        on_failure=scfg.on_failure,
     )
 
