@@ -90,9 +90,14 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
+    from trainer.guide import SurrogateUnavailable
     from trainer.train import train
 
-    train(config)
+    try:
+        train(config)
+    except SurrogateUnavailable as err:
+        print(f"train.py: stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

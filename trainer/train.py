@@ -23,7 +23,7 @@ from trainer.checkpoint import Progress, latest_checkpoint, load_checkpoint, res
 from trainer.config import TrainConfig
 from trainer.data import build_lm_datasets
 from trainer.device import Backend, init_backend, main_process_first
-from trainer.guide import Batch, Guide, guided_batches
+from trainer.guide import Batch, Guide, SurrogateUnavailable, guided_batches
 from trainer.losses import sdce_loss
 from trainer.models import build_guide, load_base_model, load_tokenizer
 from trainer.schedules import surrogate_weight
@@ -189,14 +189,19 @@ class Trainer:
         )
         self.ddp_model.train()
         while self.progress.step < self.plan.total_steps:
-            micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+            waited = time.perf_counter()
+            try:
+                micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+            except SurrogateUnavailable as err:
+                self._stop_on_surrogate_failure(err)
+            window.waited(time.perf_counter() - waited)
             self.train_step(micro, window)
             self.progress.step += 1
             self._advance(len(micro))
             bar.update(1)
             step = self.progress.step
             if step % cfg.logging_steps == 0 or step == self.plan.total_steps:
-                record = window.flush(lr=self.scheduler.get_last_lr()[0], epoch=self._epoch_float())
+                record = window.flush(lr=self.scheduler.get_last_lr()[0], epoch=self._epoch_float(), **self._guide_stats())
                 history.append({"step": step, **record})
                 self.tracker.log(record, step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -252,6 +257,21 @@ class Trainer:
         backend.mark_step()
         window.end_step(grad_norm.detach(), lam, local_labels)
         self.progress.tokens_seen += sum(b["input_ids"].numel() for b in micro) * backend.world_size
+
+    def _guide_stats(self) -> dict[str, float]:
+        if self.guide is None:
+            return {}
+        stats = {"unguided_batches": float(self.guide.unguided_batches)}
+        stats.update(getattr(self.guide.source, "stats", lambda: {})())
+        return stats
+
+    def _stop_on_surrogate_failure(self, err: Exception) -> None:
+        """surrogate.on_failure=fail: checkpoint the last complete step, then stop with a clear message."""
+        path = self._save_checkpoint()
+        raise SurrogateUnavailable(
+            f"the surrogate stayed unreachable ({err}); saved {path} — start the server again and rerun with "
+            "--resume_from_checkpoint latest, or use --surrogate_on_failure skip to train through outages on CE alone"
+        ) from err
 
     def _epoch_float(self) -> float:
         per_epoch = self.plan.steps_per_epoch * self.config.training.gradient_accumulation_steps
@@ -316,6 +336,7 @@ class MetricWindow:
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.tokens = 0
+        self.wait_seconds = 0.0
         self.started = time.perf_counter()
 
     def _add(self, name: str, value: torch.Tensor | float) -> None:
@@ -328,6 +349,10 @@ class MetricWindow:
             if name in parts:
                 self._add(name, parts[name])
         self.tokens += tokens
+
+    def waited(self, seconds: float) -> None:
+        """Time the loop spent blocked on the next micro-batches (data + guidance)."""
+        self.wait_seconds += seconds
 
     def end_step(self, grad_norm: torch.Tensor, lam: float, local_labels: int) -> None:
         self._add("grad_norm", grad_norm)
@@ -347,6 +372,7 @@ class MetricWindow:
             "grad_norm": values["grad_norm"] / steps,
             "guided_share": values.get("guided_positions", 0.0) / max(values["labels"], 1.0),
             "tokens_per_s": self.tokens / max(elapsed, 1e-9),
+            "input_wait_share": self.wait_seconds / max(elapsed, 1e-9),
             **extra,
         }
         if "z_loss" in values:
