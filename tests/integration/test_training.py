@@ -1,0 +1,85 @@
+"""A few real training steps on tiny models: each loss type, accumulation, resume, the CLI."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.checkpoint import checkpoints
+from trainer.train import train
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("loss_type", ["standard", "surrogate", "kl"])
+def test_loss_falls(make_config, loss_type):
+    result = train(make_config({"training": {"loss_type": loss_type, "max_steps": 25, "logging_steps": 5}}))
+    losses = [h["ce"] for h in result.history]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert result.eval_loss is not None and result.perplexity > 1
+    guided = [h["guided_share"] for h in result.history]
+    if loss_type == "standard":
+        assert all(g == 0 for g in guided)
+    else:
+        assert all(0 < g <= 1 for g in guided)
+        assert any(h["surrogate_term"] > 0 for h in result.history)
+
+
+def test_accumulation_equals_one_big_batch(make_config, tmp_path):
+    common = {"loss_type": "surrogate", "max_steps": 2, "max_grad_norm": 0.0}
+    big = train(make_config({"training": {**common, "per_device_train_batch_size": 4}}, tmp_path / "big"))
+    acc = train(make_config(
+        {"training": {**common, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4}}, tmp_path / "acc"
+    ))
+    first_big, first_acc = big.history[0], acc.history[0]
+    for key in ("loss", "ce", "surrogate_term", "grad_norm"):
+        assert first_acc[key] == pytest.approx(first_big[key], rel=1e-5, abs=1e-6), key
+    assert acc.history[1]["loss"] == pytest.approx(big.history[1]["loss"], rel=1e-4)
+
+
+def test_resume_continues_exactly(make_config, tmp_path):
+    """Stop after step 4 (a checkpoint), resume: steps 5-8 match the uninterrupted run."""
+    overrides = {"training": {"loss_type": "surrogate", "max_steps": 8, "save_steps": 4, "save_total_limit": 1}}
+    full = train(make_config(overrides, tmp_path / "full"))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", resumed_dir / "checkpoint-4")
+    resumed = train(make_config(
+        {"training": {**overrides["training"], "resume_from_checkpoint": "latest"}}, resumed_dir
+    ))
+    assert [h["step"] for h in resumed.history] == [5, 6, 7, 8]
+    for a, b in zip(full.history[4:], resumed.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
+    assert resumed.eval_loss == pytest.approx(full.eval_loss, rel=1e-6)
+    assert [p.name for p in checkpoints(tmp_path / "full")] == ["checkpoint-8"]  # save_total_limit=1
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(make_config, tmp_path):
+    out = tmp_path / "run"
+    train(make_config({"training": {"loss_type": "standard", "max_steps": 2, "save_steps": 2}}, out))
+    with pytest.raises(ValueError, match="--resume_from_checkpoint latest"):
+        train(make_config({"training": {"loss_type": "standard", "max_steps": 2}}, out))
+
+
+def test_command_line_run_writes_model_config_metrics_and_wandb(base_dir, surrogate_dir, train_file, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [
+        sys.executable, "train.py", "--base_model", str(base_dir), "--surrogate_model", str(surrogate_dir),
+        "--train_file", str(train_file), "--max_seq_length", "32", "--batch_size", "2", "--max_steps", "4",
+        "--save_steps", "2", "--save_total_limit", "1", "--logging_steps", "2", "--output_dir", str(out),
+        "--init_from_scratch", "--surrogate_k", "4", "--wandb_project", "sdce-test", "--device", "cpu",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert "loss_type: surrogate" in (out / "config.yaml").read_text()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "ce", "surrogate_term", "lambda", "lr", "grad_norm", "tokens_per_s", "guided_share"} <= set(records[0])
+    assert any("eval_perplexity" in r for r in records)
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-4"]
+    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run missing"
+    assert "vocabulary alignment" in done.stderr
