@@ -285,12 +285,21 @@ def _byte_pairs(base: VocabularySpec, surrogate: VocabularySpec) -> list[tuple[i
 
 
 def _representatives(spec: VocabularySpec) -> dict[bytes, int]:
-    """bytes -> the lowest id that stands for them."""
+    """bytes -> the id that represents them: the lowest regular piece, else the lowest byte-fallback piece.
+
+    SDCE.md §1 says "the lowest id"; in Llama-style vocabularies that would make the
+    <0xNN> pieces (ids 3-258) represent "a", ",", "▁" ... although the tokenizer
+    always emits the regular piece, so surrogate inputs and candidates would lose
+    the most common tokens. Byte-fallback pieces therefore only represent bytes
+    that no regular piece stands for.
+    """
     reps: dict[bytes, int] = {}
+    fallback: dict[bytes, int] = {}
     for i, raw in enumerate(token_bytes(spec)):
         if raw is not None:
-            reps.setdefault(raw, i)
-    return reps
+            is_fallback = spec.family == "sentencepiece" and _BYTE_PIECE.fullmatch(spec.tokens[i]) is not None
+            (fallback if is_fallback else reps).setdefault(raw, i)
+    return {**fallback, **reps}
 
 
 def _coverage(

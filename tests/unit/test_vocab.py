@@ -174,10 +174,13 @@ def test_common_words_map_across_families(toks, alignments, pairing, word):
 
 
 def test_byte_fallback_pieces_map_to_single_byte_tokens(toks, alignments):
+    """Every single byte maps: to the regular piece for that byte when the vocabulary has one, else to <0xNN>."""
     b2s = alignments[("byte_level", "sentencepiece")].base_to_surrogate
+    llama_like = toks["sentencepiece"]
     for byte, char in bytes_to_unicode().items():
-        byte_piece = toks["sentencepiece"].convert_tokens_to_ids(f"<0x{byte:02X}>")
-        assert b2s[toks["byte_level"].convert_tokens_to_ids(char)] == byte_piece
+        regular = llama_like.get_vocab().get(bytes([byte]).decode("latin-1").replace(" ", "▁")) if byte < 128 else None
+        byte_piece = llama_like.convert_tokens_to_ids(f"<0x{byte:02X}>")
+        assert b2s[toks["byte_level"].convert_tokens_to_ids(char)] == (regular if regular is not None else byte_piece)
 
 
 def test_special_tokens_match_by_role(toks, alignments):
@@ -205,12 +208,12 @@ def test_lowest_id_represents_duplicates():
     assert alignment.coverage == pytest.approx(4 / 5)
 
 
-def test_byte_pieces_win_over_their_single_char_twins(toks, alignments):
-    """Trained SentencePiece vocabularies hold "a" beside the lower <0x61>: the byte piece represents b"a"."""
+def test_regular_pieces_win_over_their_byte_fallback_twins(toks, alignments):
+    """Trained SentencePiece vocabularies hold "a" beside the lower <0x61>; the tokenizer emits "a", so "a" represents b"a"."""
     llama_like = toks["sentencepiece"]
     s2b = alignments[("byte_level", "sentencepiece")].surrogate_to_base
-    assert s2b[llama_like.convert_tokens_to_ids("<0x61>")] == toks["byte_level"].convert_tokens_to_ids("a")
-    assert s2b[llama_like.convert_tokens_to_ids("a")] == -1
+    assert s2b[llama_like.convert_tokens_to_ids("a")] == toks["byte_level"].convert_tokens_to_ids("a")
+    assert s2b[llama_like.convert_tokens_to_ids("<0x61>")] == -1
 
 
 _PIECES = st.sampled_from(["▁", "a", "b", "▁a", "ab", "▁ab", "<0x61>", "<0x20>", "<0x62>"])
@@ -225,9 +228,16 @@ def test_alignment_rules_on_random_vocabularies(base_tokens, surrogate_tokens):
     assume(set(base_bytes) & set(surrogate_bytes))  # disjoint vocabularies raise (tested below)
     alignment = align_vocabularies(base, surrogate, min_coverage=0.0)
     b2s, s2b = alignment.base_to_surrogate.tolist(), alignment.surrogate_to_base.tolist()
+
+    def representative(tokens, raw_bytes, raw):
+        """The lowest regular piece standing for raw, else the lowest <0xNN> piece."""
+        ids = [i for i, r in enumerate(raw_bytes) if r == raw]
+        regular = [i for i in ids if not tokens[i].startswith("<0x")]
+        return (regular or ids)[0] if ids else -1
+
     for b, raw in enumerate(base_bytes):
-        lowest = base_bytes.index(raw) == b
-        expected = surrogate_bytes.index(raw) if lowest and raw in surrogate_bytes else -1
+        is_rep = representative(base_tokens, base_bytes, raw) == b
+        expected = representative(surrogate_tokens, surrogate_bytes, raw) if is_rep else -1
         assert b2s[b] == expected
     for s, b in enumerate(s2b):
         assert b == -1 or b2s[b] == s
