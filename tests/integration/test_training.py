@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_loss_falls(make_config, loss_type):
     result = train(make_config({"training": {"loss_type": loss_type, "max_steps": 25, "logging_steps": 5}}))
     losses = [h["ce"] for h in result.history]
-    assert losses[-1] < losses[0] - 0.5, losses
+    # The tiny surrogate is untrained, so its pull is noise: CE still has to fall clearly.
+    assert losses[-1] < losses[0] - 0.25 and losses == sorted(losses, reverse=True), losses
     assert result.eval_loss is not None and result.perplexity > 1
     guided = [h["guided_share"] for h in result.history]
     if loss_type == "standard":
@@ -43,7 +44,7 @@ def test_accumulation_equals_one_big_batch(make_config, tmp_path):
 
 def test_resume_continues_exactly(make_config, tmp_path):
     """Stop after step 4 (a checkpoint), resume: steps 5-8 match the uninterrupted run."""
-    overrides = {"training": {"loss_type": "surrogate", "max_steps": 8, "save_steps": 4, "save_total_limit": 1}}
+    overrides = {"training": {"loss_type": "surrogate", "max_steps": 8, "save_steps": 4, "save_total_limit": 2}}
     full = train(make_config(overrides, tmp_path / "full"))
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -55,7 +56,7 @@ def test_resume_continues_exactly(make_config, tmp_path):
     for a, b in zip(full.history[4:], resumed.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
     assert resumed.eval_loss == pytest.approx(full.eval_loss, rel=1e-6)
-    assert [p.name for p in checkpoints(tmp_path / "full")] == ["checkpoint-8"]  # save_total_limit=1
+    assert [p.name for p in checkpoints(tmp_path / "full")] == ["checkpoint-4", "checkpoint-8"]
 
 
 def test_existing_checkpoints_need_resume_or_overwrite(make_config, tmp_path):
