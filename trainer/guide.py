@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import logging
 import math
+import threading
 from typing import Any, Iterable, Iterator, Protocol
 
 import torch
@@ -74,6 +75,7 @@ class Guide:
         self.placeholder = placeholder
         self.on_failure = on_failure
         self.unguided_batches = 0  # batches trained on CE alone because the surrogate was unavailable
+        self._count_lock = threading.Lock()
         self._on_device: dict[torch.device, VocabAlignment] = {}
 
     def _alignment_on(self, device: torch.device) -> VocabAlignment:
@@ -100,11 +102,13 @@ class Guide:
         """The batch with its candidates; empty candidates (CE alone) when the surrogate is down and on_failure is skip."""
         try:
             cand_ids, cand_logprobs = self(batch["input_ids"], batch["labels"])
-        except SurrogateUnavailable:
+        except SurrogateUnavailable as err:
             if self.on_failure != "skip":
                 raise
-            self.unguided_batches += 1
-            log.warning("surrogate unavailable: training this batch on cross-entropy alone (%d so far)", self.unguided_batches)
+            with self._count_lock:  # the prefetch threads attach concurrently
+                self.unguided_batches += 1
+                skipped = self.unguided_batches
+            log.warning("surrogate unavailable: training this batch on cross-entropy alone (%d so far): %s", skipped, err)
             shape = (*batch["labels"].shape, self.k)
             cand_ids = torch.full(shape, -1, dtype=torch.long)
             cand_logprobs = torch.full(shape, float("-inf"), dtype=torch.float32)
@@ -115,8 +119,11 @@ def guided_batches(batches: Iterable[Batch], guide: Guide | None, prefetch_depth
     """Yield the batches with guidance attached, computed up to ``prefetch_depth`` batches ahead.
 
     With ``prefetch_depth == 0`` guidance is computed inline, right before the
-    batch is yielded; otherwise a background thread works on the next batches
-    while the caller trains on the current one. Order is always preserved.
+    batch is yielded; otherwise ``prefetch_depth`` background threads request the
+    next batches' guidance concurrently (several servers, or one server's batcher,
+    work on them at once) while the caller trains on the current one. Order is
+    always preserved. Closing the generator (or an error) cancels what has not
+    started; requests already in flight end on their own, within the source's timeout.
     """
     if guide is None:
         yield from batches
@@ -125,11 +132,15 @@ def guided_batches(batches: Iterable[Batch], guide: Guide | None, prefetch_depth
         for batch in batches:
             yield guide.attach(batch)
         return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guidance") as pool:
-        pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=prefetch_depth, thread_name_prefix="guidance")
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    try:
         for batch in batches:
             pending.append(pool.submit(guide.attach, batch))
             if len(pending) > prefetch_depth:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        # Not wait=True: after the last step the trainer must not wait for guidance it will never use.
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,268 @@
+"""RemoteSurrogate's client logic against an in-process fake server (loopback, no subprocesses).
+
+The fake answers from a real SurrogateEngine on a tiny model through the real wire
+codec, and can be told to fail, forget registrations or demand a token, so retries,
+failover, re-registration and error mapping are checked in milliseconds. The real
+server process is exercised in tests/integration/test_remote_training.py.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
+from protos.sdce.surrogate.v1 import surrogate_pb2_grpc as pb_grpc
+from surrogate_server import codec
+from surrogate_server.engine import SurrogateEngine
+from tests.tokenizer_factory import corpus, train_byte_level_bpe
+from trainer.config import SurrogateConfig
+from trainer.guide import SurrogateUnavailable
+from trainer.remote import RemoteSurrogate, connect_surrogate, read_token
+
+TOKEN = "s3cret"
+
+
+class FakeSurrogate(pb_grpc.SurrogateServicer):
+    """The wire contract around an in-process engine, with failure injection."""
+
+    def __init__(self, engine: SurrogateEngine, max_tokens: int = 10_000):
+        self.engine = engine
+        self.spec = engine.vocabulary_spec()
+        self.max_tokens = max_tokens
+        self.masks: dict[str, torch.Tensor] = {}
+        self.fail_with: list[grpc.StatusCode] = []  # statuses the next TopK calls answer with
+        self.token: str | None = None
+        self.calls: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def _enter(self, name: str, context: grpc.ServicerContext) -> None:
+        with self.lock:
+            self.calls[name] = self.calls.get(name, 0) + 1
+        if self.token and dict(context.invocation_metadata()).get("authorization") != f"Bearer {self.token}":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    def GetInfo(self, request, context):
+        self._enter("GetInfo", context)
+        return pb.InfoResponse(
+            protocol_version=1, model_id="tiny", vocab_size=self.engine.vocab_size, tokenizer_size=len(self.spec.tokens),
+            tokenizer_family=self.spec.family, vocabulary_fingerprint=self.spec.fingerprint(), max_k=64,
+            max_tokens_per_request=self.max_tokens, dtype="float32", device="cpu",
+        )
+
+    def GetVocabulary(self, request, context):
+        self._enter("GetVocabulary", context)
+        import json
+
+        return pb.VocabularyResponse(spec_json=json.dumps(self.spec.to_dict()), fingerprint=self.spec.fingerprint())
+
+    def RegisterPermitted(self, request, context):
+        self._enter("RegisterPermitted", context)
+        mask = codec.unpack_torch(request.mask, "mask", dtypes=(pb.UINT8,), ndim=1).bool()
+        pid = codec.permitted_id(request.mask)
+        self.masks[pid] = mask
+        return pb.RegisterPermittedResponse(permitted_id=pid, permitted_count=int(mask.sum()))
+
+    def TopK(self, request, context):
+        self._enter("TopK", context)
+        with self.lock:
+            failure = self.fail_with.pop(0) if self.fail_with else None
+        if failure is not None:
+            context.abort(failure, "injected")
+        if request.permitted_id and request.permitted_id not in self.masks:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"permitted set {request.permitted_id} is not registered")
+        ids = codec.unpack_torch(request.input_ids, "input_ids", ndim=2)
+        if ids.numel() > self.max_tokens:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many tokens")
+        mask = codec.unpack_torch(request.attention_mask, "attention_mask", ndim=2)
+        try:
+            top = self.engine.topk(ids, mask, request.k, self.masks.get(request.permitted_id))
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        floor = request.logprob_floor if request.HasField("logprob_floor") else None
+        counts, out_ids, logprobs = codec.encode_topk(top.logprobs, top.ids, floor)
+        return pb.TopKResponse(request_id=request.request_id, counts=counts, ids=out_ids, logprobs=logprobs)
+
+
+@pytest.fixture(scope="module")
+def engine() -> SurrogateEngine:
+    tokenizer = train_byte_level_bpe(corpus(("json", "string")), 300)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer) + 4, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.2)
+    return SurrogateEngine(LlamaForCausalLM(config), tokenizer)
+
+
+def _serve(servicer: FakeSurrogate, port: int = 0) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_SurrogateServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, port
+
+
+@pytest.fixture
+def fake(engine):
+    servicer = FakeSurrogate(engine)
+    server, port = _serve(servicer)
+    servicer.address = f"127.0.0.1:{port}"
+    yield servicer
+    server.stop(None)
+
+
+def _dead_address() -> str:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _batch(engine: SurrogateEngine, seed: int = 0, rows: int = 3, length: int = 7):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, engine.vocab_size, (rows, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, 2] = 0
+    permitted = torch.rand(engine.vocab_size - 4, generator=generator) < 0.7
+    return ids, mask, permitted
+
+
+def test_topk_equals_the_engine_and_splits_big_batches(engine, fake):
+    fake.max_tokens = 14  # two rows of 7 per request: a [3, 7] batch goes as 2 + 1 rows
+    ids, mask, permitted = _batch(engine)
+    floor = math.log(0.01)
+    with RemoteSurrogate([fake.address], timeout=5) as client:
+        assert client.vocabulary_spec() == engine.vocabulary_spec()
+        got = client.topk(ids, mask, 9, permitted, floor)
+        stats = client.stats()
+    want = engine.topk(ids, mask, 9, permitted, floor)
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-5)  # other batch shapes: other sums
+    assert fake.calls["TopK"] == 2 and fake.calls["RegisterPermitted"] == 1
+    assert stats["guidance_requests"] == 2 and stats["guidance_retries"] == 0
+    assert 0 < stats["guidance_bytes_per_token"] < 9 * 8 + 8
+    assert stats["guidance_latency_ms_p50"] > 0
+
+
+def test_permitted_set_registers_once_and_again_after_a_restart(engine, fake):
+    ids, mask, permitted = _batch(engine)
+    with RemoteSurrogate([fake.address], timeout=5) as client:
+        client.topk(ids, mask, 4, permitted)
+        client.topk(ids, mask, 4, permitted)
+        assert fake.calls["RegisterPermitted"] == 1
+        fake.masks.clear()  # what a restart does to the server's memory
+        again = client.topk(ids, mask, 4, permitted)
+        assert fake.calls["RegisterPermitted"] == 2
+        assert client.stats()["guidance_reregistrations"] == 1
+    assert torch.equal(again.ids, engine.topk(ids, mask, 4, permitted).ids)
+
+
+def test_transient_errors_are_retried(engine, fake):
+    fake.fail_with = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED]
+    ids, mask, _ = _batch(engine)
+    with RemoteSurrogate([fake.address], timeout=5, backoff=(0.01, 0.05)) as client:
+        client.topk(ids, mask, 3)
+        stats = client.stats()
+    assert fake.calls["TopK"] == 3 and stats["guidance_retries"] == 2 and stats["guidance_failures"] == 0
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION])
+def test_client_errors_raise_at_once(engine, fake, code):
+    fake.fail_with = [code]
+    ids, mask, _ = _batch(engine)
+    with RemoteSurrogate([fake.address], timeout=5) as client:
+        with pytest.raises(ValueError, match=code.name):
+            client.topk(ids, mask, 3)
+    assert fake.calls["TopK"] == 1
+
+
+def test_bad_k_is_refused_before_the_wire(engine, fake):
+    ids, mask, _ = _batch(engine)
+    with RemoteSurrogate([fake.address], timeout=5) as client:
+        with pytest.raises(ValueError, match="surrogate.k"):
+            client.topk(ids, mask, 65)
+
+
+def test_unreachable_servers_raise_surrogate_unavailable_at_the_deadline(engine):
+    ids, mask, _ = _batch(engine)
+    with RemoteSurrogate([_dead_address(), _dead_address()], timeout=0.6, backoff=(0.02, 0.1)) as client:
+        started = time.monotonic()
+        with pytest.raises(SurrogateUnavailable, match="UNAVAILABLE"):
+            client.topk(ids, mask, 3)
+        assert 0.5 < time.monotonic() - started < 3
+        assert client.stats()["guidance_failures"] == 1
+
+
+def test_requests_go_to_the_live_endpoint(engine, fake):
+    ids, mask, permitted = _batch(engine)
+    with RemoteSurrogate([_dead_address(), fake.address], timeout=5, backoff=(0.5, 2.0)) as client:
+        for _ in range(4):
+            client.topk(ids, mask, 3, permitted)
+        # The dead one failed once and then backs off; everything was answered by the live one.
+        assert client.stats()["guidance_retries"] <= 2
+    assert fake.calls["TopK"] == 4
+
+
+def test_load_is_shared_round_robin(engine):
+    servers = [FakeSurrogate(engine) for _ in range(2)]
+    started = [_serve(s) for s in servers]
+    try:
+        ids, mask, _ = _batch(engine)
+        with RemoteSurrogate([f"127.0.0.1:{port}" for _, port in started], timeout=5) as client:
+            for _ in range(6):
+                client.topk(ids, mask, 3)
+        assert [s.calls["TopK"] for s in servers] == [3, 3]
+    finally:
+        for server, _ in started:
+            server.stop(None)
+
+
+def test_guidance_resumes_when_the_server_comes_back(engine):
+    address = _dead_address()
+    port = int(address.rsplit(":", 1)[1])
+    ids, mask, permitted = _batch(engine)
+    with RemoteSurrogate([address], timeout=0.4, backoff=(0.02, 0.1)) as client:
+        with pytest.raises(SurrogateUnavailable):
+            client.topk(ids, mask, 3, permitted)
+        servicer = FakeSurrogate(engine)
+        server, _ = _serve(servicer, port)
+        try:
+            deadline = time.monotonic() + 10  # the channel reconnects within its 1 s backoff cap
+            while True:
+                try:
+                    client.topk(ids, mask, 3, permitted)
+                    break
+                except SurrogateUnavailable:
+                    assert time.monotonic() < deadline, "the client did not reconnect"
+        finally:
+            server.stop(None)
+
+
+def test_token_travels_as_bearer_metadata(engine, fake, tmp_path, monkeypatch):
+    fake.token = TOKEN
+    ids, mask, _ = _batch(engine)
+    with RemoteSurrogate([fake.address], timeout=5) as client:
+        with pytest.raises(ValueError, match="auth_token_file"):
+            client.topk(ids, mask, 3)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    cfg = SurrogateConfig(endpoint=f" {fake.address} ,", auth_token_file=str(token_file), request_timeout=5)
+    with connect_surrogate(cfg) as client:
+        assert client.endpoints == [fake.address]
+        client.topk(ids, mask, 3)
+    monkeypatch.setenv("SDCE_SURROGATE_TOKEN", TOKEN)
+    assert read_token(None) == TOKEN
+
+
+def test_endpoint_must_be_host_port():
+    with pytest.raises(ValueError, match="host:port"):
+        RemoteSurrogate(["localhost"])
+    with pytest.raises(ValueError, match="--surrogate_endpoint"):
+        connect_surrogate(SurrogateConfig(endpoint=" , "))

@@ -1,0 +1,443 @@
+"""The trainer's client of the surrogate server: guidance from another process or host.
+
+With ``surrogate.endpoint`` set (``--surrogate_endpoint host:port[,host:port...]``)
+the trainer never loads the surrogate. It learns the surrogate's vocabulary from
+the server, aligns it with the base tokenizer, and asks for top-k guidance batch
+by batch; the answer is the same ``TopK`` the in-process ``SurrogateEngine``
+returns (SDCE.md §6)::
+
+    source = connect_surrogate(config.surrogate)
+    spec = source.vocabulary_spec()                     # align_vocabularies(base_tokenizer, spec)
+    top = source.topk(s_ids, s_mask, k, permitted, logprob_floor)   # TopK [B, T, k], CPU
+    source.stats()                                      # latency, bytes/token, retries ... since the last call
+
+Failure model. Each ``topk`` call has ``timeout`` seconds, retries included.
+Attempts go to the endpoint with the fewest requests in flight (round-robin among
+equals) that is not backing off; an attempt that fails with UNAVAILABLE,
+DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED or CANCELLED puts its endpoint on
+exponential backoff with jitter and goes to the next one. When the deadline
+passes the call raises ``SurrogateUnavailable`` (the trainer then skips guidance
+for that batch or stops, ``surrogate.on_failure``); the next call simply tries
+again, so guidance resumes once a server is back. Any other status is a bug in
+the request or the server and is raised at once (``ValueError`` for the client's
+errors). The permitted set is registered once per endpoint under its
+content-addressed id and registered again when a restarted server answers NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import random
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import grpc
+import torch
+
+from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
+from protos.sdce.surrogate.v1 import surrogate_pb2_grpc as pb_grpc
+from surrogate_server import codec
+from surrogate_server.engine import TopK
+from trainer.config import SurrogateConfig
+from trainer.guide import SurrogateUnavailable
+from trainer.vocab import VocabularySpec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TOKEN_ENV = "SDCE_SURROGATE_TOKEN"
+# Worth another attempt (elsewhere, or later): the server is down, overloaded, slow or draining.
+TRANSIENT = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+})
+# Mistakes in the request or the client's set-up: retrying cannot help.
+CLIENT_ERRORS = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNIMPLEMENTED,
+})
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Notice a dead peer on an idle-looking connection (a long forward) within ~40 s.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect to a restarted server within a second, not after gRPC's default backoff of up to 120 s.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    # Our own retry loop decides where an attempt goes; no hidden retries underneath it.
+    ("grpc.enable_retries", 0),
+)
+
+
+def connect_surrogate(cfg: SurrogateConfig) -> RemoteSurrogate:
+    """A client of the servers in ``cfg.endpoint`` (comma-separated host:port), with the run's token and timeout."""
+    endpoints = [e.strip() for e in (cfg.endpoint or "").split(",") if e.strip()]
+    return RemoteSurrogate(
+        endpoints,
+        token=read_token(cfg.auth_token_file),
+        tls_ca=getattr(cfg, "tls_ca_file", None),
+        timeout=cfg.request_timeout,
+    )
+
+
+def read_token(path: str | None) -> str | None:
+    """The shared secret from ``path``, else from $SDCE_SURROGATE_TOKEN, else None (no auth)."""
+    if path:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ValueError(f"surrogate.auth_token_file {path!r} does not exist")
+        token = file.read_text().strip()
+        if not token:
+            raise ValueError(f"surrogate.auth_token_file {path!r} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+@dataclasses.dataclass(eq=False)
+class _Endpoint:
+    """One server: its channel, what this client registered there, and its health as this client sees it."""
+
+    address: str
+    channel: grpc.Channel
+    stub: pb_grpc.SurrogateStub
+    outstanding: int = 0  # attempts in flight
+    failures: int = 0  # consecutive transient failures
+    retry_at: float = 0.0  # time.monotonic() before which no attempt goes here
+    registered: set[str] = dataclasses.field(default_factory=set)  # permitted ids known to this server
+
+
+class _Window:
+    """Request metrics since the last ``stats()`` call."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.tokens = 0
+        self.bytes = 0
+        self.retries = 0
+        self.failures = 0
+        self.reregistrations = 0
+        self.queue_ms = 0.0
+        self.compute_ms = 0.0
+
+
+class RemoteSurrogate:
+    """A ``SurrogateSource`` backed by one or more surrogate servers; thread-safe.
+
+    Args:
+        endpoints: ``host:port`` of each server; all must serve the same surrogate.
+        token: shared secret sent as ``authorization: Bearer <token>`` metadata (None: no auth).
+        tls_ca: PEM file of the CA that signed the servers' certificates (None: plaintext).
+        timeout: seconds one call may take, retries included, before SurrogateUnavailable.
+        attempt_timeout: seconds one attempt may take (default: half of ``timeout``, so
+            a hung server leaves time for another).
+        backoff: (first, largest) pause in seconds before an endpoint that failed is tried again.
+    """
+
+    def __init__(
+        self,
+        endpoints: list[str],
+        *,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        timeout: float = 60.0,
+        attempt_timeout: float | None = None,
+        backoff: tuple[float, float] = (0.05, 2.0),
+    ):
+        if not endpoints:
+            raise ValueError("no surrogate endpoint: pass --surrogate_endpoint host:port[,host:port...]")
+        if timeout <= 0:
+            raise ValueError(f"surrogate.request_timeout must be > 0 seconds, got {timeout}")
+        for address in endpoints:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"surrogate endpoint {address!r} is not host:port")
+        self.timeout = timeout
+        self.attempt_timeout = attempt_timeout or timeout / 2
+        self.backoff = backoff
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()) if tls_ca else None
+        self._endpoints = [self._open(address, credentials) for address in endpoints]
+        self._lock = threading.Lock()
+        self._turn = itertools.count()
+        self._window = _Window()
+        self._info: pb.InfoResponse | None = None
+        self._closed = False
+
+    @staticmethod
+    def _open(address: str, credentials: grpc.ChannelCredentials | None) -> _Endpoint:
+        if credentials is None:
+            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        return _Endpoint(address, channel, pb_grpc.SurrogateStub(channel))
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [e.address for e in self._endpoints]
+
+    # -- what the server runs --------------------------------------------------------
+    def info(self) -> pb.InfoResponse:
+        """GetInfo of the first server that answers (cached after the first call)."""
+        if self._info is None:
+            self._info = self._call("GetInfo", lambda ep, t: ep.stub.GetInfo(pb.InfoRequest(), timeout=t, metadata=self._metadata))
+        return self._info
+
+    def vocabulary_spec(self) -> VocabularySpec:
+        """The surrogate's vocabulary from the server, checked against the fingerprint GetInfo announces."""
+        info = self.info()
+        response = self._call(
+            "GetVocabulary", lambda ep, t: ep.stub.GetVocabulary(pb.VocabularyRequest(), timeout=t, metadata=self._metadata)
+        )
+        spec = VocabularySpec.from_dict(json.loads(response.spec_json))
+        fingerprints = {spec.fingerprint(), response.fingerprint, info.vocabulary_fingerprint}
+        if len(fingerprints) != 1:
+            raise ValueError(
+                f"the surrogate vocabulary from {self.endpoints} is inconsistent (fingerprints {sorted(fingerprints)}): "
+                "all endpoints must serve the same model and tokenizer"
+            )
+        log.info(
+            "surrogate server %s: model %s, %d-token %s vocabulary, %s on %s",
+            ",".join(self.endpoints), info.model_id, len(spec.tokens), spec.family, info.dtype, info.device,
+        )
+        return spec
+
+    # -- guidance ----------------------------------------------------------------------
+    def topk(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        k: int,
+        permitted: torch.Tensor | None = None,
+        logprob_floor: float | None = None,
+    ) -> TopK:
+        """Same contract as ``SurrogateEngine.topk``; the result is on the CPU.
+
+        Raises SurrogateUnavailable when no server answered within ``timeout`` seconds,
+        ValueError when a server rejects the request as malformed.
+        """
+        info = self.info()
+        if not 1 <= k <= info.max_k:
+            raise ValueError(f"k={k} is outside the server's range [1, {info.max_k}]: lower surrogate.k")
+        mask, permitted_id = self._permitted(permitted, info.vocab_size)
+        rows = self._row_chunks(input_ids.shape, info.max_tokens_per_request)
+        parts = []
+        for start, stop in rows:
+            request = pb.TopKRequest(
+                input_ids=codec.pack(input_ids[start:stop], pb.INT32),
+                attention_mask=codec.pack(attention_mask[start:stop], pb.UINT8),
+                k=k,
+                logprob_floor=logprob_floor,
+                permitted_id=permitted_id,
+            )
+            parts.append(self._request_topk(request, mask, permitted_id, k))
+        if len(parts) == 1:
+            return parts[0]
+        return TopK(logprobs=torch.cat([p.logprobs for p in parts]), ids=torch.cat([p.ids for p in parts]))
+
+    def _request_topk(self, request: pb.TopKRequest, mask: pb.Tensor | None, permitted_id: str, k: int) -> TopK:
+        batch, length = request.input_ids.shape
+        started = time.perf_counter()
+        response = self._call("TopK", lambda ep, t: self._topk_on(ep, request, mask, permitted_id, t))
+        logprobs, ids = codec.decode_topk(response.counts, response.ids, response.logprobs, k)
+        with self._lock:
+            w = self._window
+            w.latencies.append(time.perf_counter() - started)
+            w.tokens += batch * length
+            w.bytes += response.ByteSize()
+            w.queue_ms += response.timings.queue_ms
+            w.compute_ms += response.timings.compute_ms
+        return TopK(logprobs=logprobs, ids=ids)
+
+    def _topk_on(
+        self, ep: _Endpoint, request: pb.TopKRequest, mask: pb.Tensor | None, permitted_id: str, budget: float
+    ) -> pb.TopKResponse:
+        """One attempt on one endpoint: register the permitted set if this server lacks it, then TopK."""
+        deadline = time.monotonic() + budget
+        if permitted_id and permitted_id not in ep.registered:
+            self._register(ep, mask, permitted_id, deadline)
+        try:
+            return ep.stub.TopK(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND or not permitted_id:
+                raise
+        # The server restarted and forgot the set: register it again, once.
+        with self._lock:
+            ep.registered.discard(permitted_id)
+            self._window.reregistrations += 1
+        log.info("surrogate server %s lost the permitted set (restarted?): registering it again", ep.address)
+        self._register(ep, mask, permitted_id, deadline)
+        return ep.stub.TopK(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
+
+    def _register(self, ep: _Endpoint, mask: pb.Tensor, permitted_id: str, deadline: float) -> None:
+        response = ep.stub.RegisterPermitted(
+            pb.RegisterPermittedRequest(mask=mask), timeout=deadline - time.monotonic(), metadata=self._metadata
+        )
+        if response.permitted_id != permitted_id:
+            raise RuntimeError(
+                f"surrogate server {ep.address} registered the permitted set as {response.permitted_id}, "
+                f"expected sha256 {permitted_id}: client and server disagree on the mask encoding"
+            )
+        with self._lock:
+            ep.registered.add(permitted_id)
+
+    @staticmethod
+    def _permitted(permitted: torch.Tensor | None, vocab_size: int) -> tuple[pb.Tensor | None, str]:
+        """The packed [vocab_size] UINT8 mask and its content-addressed id (sha256 hex); (None, "") for no mask."""
+        if permitted is None:
+            return None, ""
+        if permitted.dim() != 1 or permitted.shape[0] > vocab_size:
+            raise ValueError(
+                f"permitted must be 1-D with at most {vocab_size} entries (the server's vocab_size), "
+                f"got shape {tuple(permitted.shape)}"
+            )
+        full = torch.zeros(vocab_size, dtype=torch.uint8)
+        full[: permitted.shape[0]] = permitted.to(torch.uint8)
+        mask = codec.pack(full, pb.UINT8)
+        return mask, codec.permitted_id(mask)
+
+    @staticmethod
+    def _row_chunks(shape: torch.Size, max_tokens: int) -> list[tuple[int, int]]:
+        """Row ranges of a [B, T] batch such that each request holds at most ``max_tokens`` positions."""
+        batch, length = shape
+        if not max_tokens or batch * length <= max_tokens:
+            return [(0, batch)]
+        if length > max_tokens:
+            raise ValueError(
+                f"one sequence of {length} tokens exceeds the server's max_tokens_per_request={max_tokens}: "
+                "lower data.max_seq_length or raise the server's limit"
+            )
+        rows = max_tokens // length
+        return [(start, min(start + rows, batch)) for start in range(0, batch, rows)]
+
+    # -- retries and failover ------------------------------------------------------------
+    def _call(self, what: str, attempt: Callable[[_Endpoint, float], T]) -> T:
+        """Run ``attempt(endpoint, seconds)`` until one succeeds, failing over and backing off until the deadline."""
+        deadline = time.monotonic() + self.timeout
+        errors: dict[str, str] = {}
+        while (ep := self._acquire(deadline)) is not None:
+            budget = min(self.attempt_timeout, deadline - time.monotonic())
+            try:
+                result = attempt(ep, budget)
+            except grpc.RpcError as err:
+                self._release(ep, ok=False, transient=err.code() in TRANSIENT)
+                if err.code() not in TRANSIENT:
+                    raise _permanent_error(what, ep.address, err) from None
+                errors[ep.address] = f"{err.code().name}: {err.details()}"
+                log.debug("%s on %s failed (%s); retrying", what, ep.address, errors[ep.address])
+                continue
+            self._release(ep, ok=True, transient=False)
+            return result
+        with self._lock:
+            self._window.failures += 1
+        detail = "; ".join(f"{address}: {message}" for address, message in errors.items()) or "no attempt fit in time"
+        raise SurrogateUnavailable(f"no surrogate server answered {what} within {self.timeout:g}s ({detail})")
+
+    def _acquire(self, deadline: float) -> _Endpoint | None:
+        """The endpoint for the next attempt, waiting out backoff if every one is backing off; None past the deadline."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("this RemoteSurrogate is closed")
+                now = time.monotonic()
+                if now >= deadline:
+                    return None
+                turn = next(self._turn)
+                n = len(self._endpoints)
+                ready = [self._endpoints[(turn + i) % n] for i in range(n)]
+                ready = [e for e in ready if e.retry_at <= now]
+                if ready:
+                    ep = min(ready, key=lambda e: e.outstanding)  # min keeps the round-robin order among ties
+                    ep.outstanding += 1
+                    return ep
+                wake = min(e.retry_at for e in self._endpoints)
+            time.sleep(max(0.0, min(wake, deadline) - now))
+
+    def _release(self, ep: _Endpoint, *, ok: bool, transient: bool) -> None:
+        with self._lock:
+            ep.outstanding -= 1
+            if ok:
+                if ep.failures:
+                    log.info("surrogate server %s answers again", ep.address)
+                ep.failures, ep.retry_at = 0, 0.0
+            elif transient:
+                first, largest = self.backoff
+                pause = min(largest, first * 2**ep.failures) * random.uniform(0.5, 1.0)
+                ep.failures += 1
+                ep.retry_at = time.monotonic() + pause
+                self._window.retries += 1
+
+    # -- metrics and lifetime --------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        """Guidance request metrics since the previous call (for the trainer's logs).
+
+        Latency is per topk request as the trainer sees it, retries included; bytes
+        are the serialized responses (log-probs and ids on the wire) per position asked.
+        """
+        with self._lock:
+            w, self._window = self._window, _Window()
+        requests = len(w.latencies)
+        stats = {
+            "guidance_requests": float(requests),
+            "guidance_retries": float(w.retries),
+            "guidance_failures": float(w.failures),
+        }
+        if requests:
+            stats.update(
+                guidance_latency_ms_mean=1e3 * statistics.fmean(w.latencies),
+                guidance_latency_ms_p50=1e3 * statistics.median(w.latencies),
+                guidance_bytes_per_token=w.bytes / max(w.tokens, 1),
+                guidance_server_queue_ms=w.queue_ms / requests,
+                guidance_server_compute_ms=w.compute_ms / requests,
+            )
+        if w.reregistrations:
+            stats["guidance_reregistrations"] = float(w.reregistrations)
+        return stats
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        for ep in self._endpoints:
+            ep.channel.close()
+
+    def __enter__(self) -> RemoteSurrogate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteSurrogate({','.join(self.endpoints)}, timeout={self.timeout:g}s)"
+
+
+def _permanent_error(what: str, address: str, err: grpc.RpcError) -> Exception:
+    """The exception for a status that retrying cannot fix: ValueError for the client's mistakes."""
+    code, details = err.code(), err.details()
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return ValueError(
+            f"surrogate server {address} refused {what} ({code.name}: {details}): put its shared secret in "
+            f"surrogate.auth_token_file (--surrogate_auth_token_file) or ${TOKEN_ENV}"
+        )
+    if code in CLIENT_ERRORS:
+        return ValueError(f"surrogate server {address} rejected {what} ({code.name}): {details}")
+    return RuntimeError(f"surrogate server {address} failed {what} ({code.name}): {details}")
