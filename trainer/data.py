@@ -1,0 +1,253 @@
+"""Text in, packed language-modelling blocks out.
+
+``load_text_datasets`` finds the raw text (a hub dataset, a local dataset directory,
+or local files) and picks the train and eval splits. ``build_lm_datasets`` tokenises
+it, appends EOS after every document and packs the token stream into blocks of
+``L = max_seq_length`` positions. Labels are already shifted (SDCE.md): block ``i``
+is the window ``tokens[i*L : i*L + L + 1]``, ``input_ids = window[:-1]`` and
+``labels = window[1:]``, so consecutive windows overlap by one token and every
+token after the first is a label exactly once.
+
+    train_set, eval_set = build_lm_datasets(config.data, tokenizer, seed=42)
+    train_set[0]["input_ids"].shape  # torch.Size([L]), int64
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets.exceptions import DatasetNotFoundError
+from datasets.fingerprint import Hasher
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from trainer.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test", "dev")
+BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+WIKITEXT_NAMES = ("wikitext", "Salesforce/wikitext")
+WIKITEXT_DEFAULT_CONFIG = "wikitext-2-raw-v1"
+_TOKENIZE_VERSION = "sdce-tokenize-v1"  # bump when _tokenize_batch changes: it keys the datasets cache
+
+
+# -- raw text -----------------------------------------------------------------------
+def load_text_datasets(cfg: DataConfig, *, seed: int) -> datasets.DatasetDict:
+    """The raw text as ``{"train", "eval"}``, both holding ``cfg.text_column``.
+
+    Eval is, in order: ``eval_file`` when given, else the source's first split named
+    validation/valid/val/test/dev, else ``eval_split_ratio`` of the train rows split
+    off with ``seed``.
+    """
+    if cfg.dataset_name and cfg.train_file:
+        raise ValueError("pass either --dataset or --train_file, not both")
+    if cfg.dataset_name:
+        source = _load_named(cfg.dataset_name, cfg.dataset_config)
+    else:
+        source = datasets.DatasetDict(train=_load_files(cfg.train_file))
+    train = _train_split(source, cfg)
+    if cfg.eval_file:
+        eval_set = _load_files(cfg.eval_file)
+    elif eval_name := next((name for name in EVAL_SPLIT_NAMES if name in source), None):
+        eval_set = source[eval_name]
+    else:
+        train, eval_set = _split_off_eval(train, cfg.eval_split_ratio, seed)
+    splits = datasets.DatasetDict(train=train, eval=eval_set)
+    for name, split in splits.items():
+        if cfg.text_column not in split.column_names:
+            raise ValueError(
+                f"the {name} data has no column {cfg.text_column!r}; its columns are {split.column_names}: "
+                "pass --text_column with one of them"
+            )
+    return splits
+
+
+def _load_named(name: str, config_name: str | None) -> datasets.DatasetDict:
+    """A local dataset directory (data files or ``save_to_disk`` output) or a hub dataset."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+            return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        return datasets.load_dataset(str(path), config_name)
+    if path.is_file():
+        return datasets.DatasetDict(train=_load_files(str(path)))
+    if name in WIKITEXT_NAMES and config_name is None:
+        config_name = WIKITEXT_DEFAULT_CONFIG
+        log.info("dataset %s: no --dataset_config given, using %s", name, config_name)
+    try:
+        return datasets.load_dataset(name, config_name)
+    # datasets turns offline mode and network failures into ConnectionError; a hub file
+    # missing from the local cache while offline surfaces as LocalEntryNotFoundError.
+    except (ConnectionError, LocalEntryNotFoundError) as err:
+        why = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if datasets.config.HF_HUB_OFFLINE else "it is unreachable"
+        raise ValueError(
+            f"dataset {name!r} is not a local directory and the Hugging Face Hub cannot be used: {why} ({err}). "
+            "Pass a local dataset directory with --dataset DIR, or local files with --train_file PATH[,PATH] "
+            f"({', '.join(sorted(set(BUILDERS)))})"
+        ) from err
+    except DatasetNotFoundError as err:
+        raise ValueError(
+            f"dataset {name!r} is neither a local directory nor a dataset on the Hugging Face Hub ({err}): "
+            "check the name, or pass --train_file PATH"
+        ) from err
+
+
+def _load_files(spec: str | None) -> datasets.Dataset:
+    """One dataset from comma-separated local files of one format (picked by extension)."""
+    paths = [Path(p.strip()).expanduser() for p in (spec or "").split(",") if p.strip()]
+    if not paths:
+        raise ValueError(f"no file named in {spec!r}: pass --train_file PATH[,PATH]")
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"data file {str(path)!r} does not exist")
+    suffixes = {path.suffix.lower() for path in paths}
+    unknown = suffixes - set(BUILDERS)
+    if unknown:
+        raise ValueError(f"unsupported data file type {sorted(unknown)}: use one of {', '.join(BUILDERS)}")
+    if all(path.stat().st_size == 0 for path in paths):
+        raise ValueError(f"data file(s) {spec!r} are empty: no rows, 0 tokens; add data")
+    builders = {BUILDERS[suffix] for suffix in suffixes}
+    if len(builders) > 1:
+        raise ValueError(f"files {spec!r} mix formats {sorted(builders)}: give files of one format per option")
+    files = [str(path.resolve()) for path in paths]
+    return datasets.load_dataset(builders.pop(), data_files={"train": files}, split="train")
+
+
+def _train_split(source: datasets.DatasetDict, cfg: DataConfig) -> datasets.Dataset:
+    if "train" in source:
+        return source["train"]
+    if len(source) == 1:
+        return next(iter(source.values()))
+    raise ValueError(f"dataset {cfg.dataset_name!r} has no 'train' split; its splits are {list(source)}")
+
+
+def _split_off_eval(train: datasets.Dataset, ratio: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if train.num_rows < 2:
+        raise ValueError(
+            f"the training data has {train.num_rows} row(s), too few to split off an eval set: "
+            "add data or pass --eval_file"
+        )
+    parts = train.train_test_split(test_size=ratio, seed=seed)
+    log.info("no eval split: held out %d of %d rows (eval_split_ratio=%s)", parts["test"].num_rows, train.num_rows, ratio)
+    return parts["train"], parts["test"]
+
+
+# -- tokens and blocks --------------------------------------------------------------
+def build_lm_datasets(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Tokenised, packed train and eval sets with columns ``input_ids`` and ``labels``.
+
+    Each row holds ``max_seq_length`` int64 ids (torch format). The train set drops the
+    incomplete last block; the eval set keeps it, padding ``input_ids`` with the pad
+    (else EOS) id and ``labels`` with -100, and stops after ``max_eval_blocks`` blocks.
+    """
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token: set one (it separates documents)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    raw = load_text_datasets(cfg, seed=seed)
+    length = cfg.max_seq_length
+    train_tokens, train_stream = _tokenize(raw["train"], tokenizer, cfg, eos_id)
+    if len(train_stream) < length + 1:
+        raise ValueError(
+            f"the training data holds {len(train_stream)} tokens, fewer than one block of max_seq_length={length} "
+            "(+1 for the shifted labels): lower --max_seq_length or add more data"
+        )
+    eval_tokens, eval_stream = _tokenize(raw["eval"], tokenizer, cfg, eos_id)
+    if len(eval_stream) < 2:
+        raise ValueError(f"the eval data holds {len(eval_stream)} tokens; it needs at least 2: add eval data")
+    train = _blocks_dataset(*pack_blocks(train_stream, length, keep_tail=False, pad_id=pad_id), "train", [train_tokens, length])
+    inputs, labels = pack_blocks(eval_stream, length, keep_tail=True, pad_id=pad_id)
+    recipe = [eval_tokens, length, pad_id, cfg.max_eval_blocks]
+    evaluation = _blocks_dataset(inputs[: cfg.max_eval_blocks], labels[: cfg.max_eval_blocks], "eval", recipe)
+    log.info(
+        "data: train %d tokens -> %d blocks of %d; eval %d tokens -> %d blocks",
+        len(train_stream), train.num_rows, length, len(eval_stream), evaluation.num_rows,
+    )
+    return train.with_format("torch"), evaluation.with_format("torch")
+
+
+def _tokenize_batch(batch: dict[str, list], *, tokenizer: Any, text_column: str, eos_id: int) -> dict[str, list]:
+    """Token ids of each non-blank document, EOS appended; blank rows produce no row."""
+    texts = [text for text in batch[text_column] if isinstance(text, str) and text.strip()]
+    if not texts:
+        return {"input_ids": []}
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    return {"input_ids": [doc + [eos_id] for doc in ids]}
+
+
+def _tokenize(split: datasets.Dataset, tokenizer: Any, cfg: DataConfig, eos_id: int) -> tuple[str, np.ndarray]:
+    """The tokenised split's fingerprint and its token stream."""
+    # An explicit fingerprint: hashing the tokenizer object itself is not stable across
+    # calls, and a stable one lets datasets reuse the cached result on the next run.
+    fingerprint = Hasher.hash([split._fingerprint, tokenizer_fingerprint(tokenizer), cfg.text_column, eos_id, _TOKENIZE_VERSION])
+    tokenized = split.map(
+        _tokenize_batch,
+        batched=True,
+        num_proc=cfg.preprocessing_num_workers,
+        remove_columns=split.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "text_column": cfg.text_column, "eos_id": eos_id},
+        features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))}),
+        new_fingerprint=fingerprint,
+        desc="tokenizing",
+    )
+    return fingerprint, token_stream(tokenized)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of what decides the tokenizer's ids (not its padding/truncation state)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return Hasher.hash(tokenizer)
+    state = json.loads(backend.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    blob = json.dumps([type(tokenizer).__name__, state], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def token_stream(tokenized: datasets.Dataset) -> np.ndarray:
+    """All ids of a tokenised split, documents in row order, as one int32 array."""
+    column = tokenized.with_format("arrow")[:].column("input_ids")
+    return pc.list_flatten(column).to_numpy().astype(np.int32, copy=False)
+
+
+def pack_blocks(stream: np.ndarray, length: int, *, keep_tail: bool, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and shifted labels, each (blocks, length), from windows of ``length + 1`` tokens.
+
+    With ``keep_tail`` the last, short window (at least 2 tokens) becomes one more block,
+    inputs padded with ``pad_id`` and labels with -100.
+    """
+    full = max(len(stream) - 1, 0) // length
+    inputs = stream[: full * length].reshape(full, length)
+    labels = stream[1 : full * length + 1].reshape(full, length)
+    tail = stream[full * length :]
+    if keep_tail and len(tail) >= 2:
+        tail_inputs = np.full((1, length), pad_id, dtype=stream.dtype)
+        tail_labels = np.full((1, length), IGNORE_INDEX, dtype=stream.dtype)
+        tail_inputs[0, : len(tail) - 1] = tail[:-1]
+        tail_labels[0, : len(tail) - 1] = tail[1:]
+        inputs, labels = np.concatenate([inputs, tail_inputs]), np.concatenate([labels, tail_labels])
+    return inputs, labels
+
+
+def _blocks_dataset(inputs: np.ndarray, labels: np.ndarray, split: str, recipe: list) -> datasets.Dataset:
+    """An in-memory dataset over the packed arrays; ``recipe`` (what they derive from) names its fingerprint."""
+    length = inputs.shape[1]
+    table = pa.table(
+        {
+            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(inputs.reshape(-1)), length),
+            "labels": pa.FixedSizeListArray.from_arrays(pa.array(labels.reshape(-1)), length),
+        }
+    )
+    fingerprint = Hasher.hash([split, *recipe])
+    return datasets.Dataset(datasets.table.InMemoryTable(table), split=datasets.NamedSplit(split), fingerprint=fingerprint)
