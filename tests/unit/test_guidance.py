@@ -179,3 +179,15 @@ def test_surrogate_inputs_placeholders_and_mask() -> None:
     ids, mask = surrogate_inputs(input_ids, al, placeholder_id=7, attention_mask=base_mask)
     assert mask.tolist() == [[1, 0, 1, 0], [0, 0, 1, 1]]
     assert ids.tolist() == [[3, 7, 0, 7], [7, 7, 1, 3]]
+
+
+def test_accepts_the_real_vocab_alignment() -> None:
+    vocab = pytest.importorskip("trainer.vocab")
+    tables = make_alignment(vocab_base=40, vocab_surrogate=50, mapped=30, seed=1)
+    real = vocab.VocabAlignment(tables.base_to_surrogate, tables.surrogate_to_base, coverage=1.0)
+    topk_ids, topk_lp = make_topk(2, 4, 50, width=6, seed=2)
+    labels = make_labels(2, 4, 40, seed=3)
+    got = select_candidates(topk_ids, topk_lp, labels, real, 5, 0.02)
+    want = select_candidates(topk_ids, topk_lp, labels, tables, 5, 0.02)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(surrogate_inputs(labels.clamp(min=0), real)[0], surrogate_inputs(labels.clamp(min=0), tables)[0])
