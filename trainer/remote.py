@@ -76,11 +76,12 @@ MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Notice a dead peer on an idle-looking connection (a long forward) within ~40 s.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    # Pings only while calls are open and no more often than a server with gRPC's default
+    # policy accepts (5 min; more often earns GOAWAY "too_many_pings"). A hung server is
+    # caught sooner by the per-attempt deadline anyway.
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 0),
-    ("grpc.http2.max_pings_without_data", 0),
     # Reconnect to a restarted server within a second, not after gRPC's default backoff of up to 120 s.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -125,6 +126,7 @@ class _Endpoint:
     failures: int = 0  # consecutive transient failures
     retry_at: float = 0.0  # time.monotonic() before which no attempt goes here
     registered: set[str] = dataclasses.field(default_factory=set)  # permitted ids known to this server
+    last_error: str = ""  # the latest transient failure, for the SurrogateUnavailable message
 
 
 class _Window:
@@ -334,23 +336,22 @@ class RemoteSurrogate:
     def _call(self, what: str, attempt: Callable[[_Endpoint, float], T]) -> T:
         """Run ``attempt(endpoint, seconds)`` until one succeeds, failing over and backing off until the deadline."""
         deadline = time.monotonic() + self.timeout
-        errors: dict[str, str] = {}
         while (ep := self._acquire(deadline)) is not None:
             budget = min(self.attempt_timeout, deadline - time.monotonic())
             try:
                 result = attempt(ep, budget)
             except grpc.RpcError as err:
-                self._release(ep, ok=False, transient=err.code() in TRANSIENT)
                 if err.code() not in TRANSIENT:
+                    self._release(ep, ok=False, transient=False)
                     raise _permanent_error(what, ep.address, err) from None
-                errors[ep.address] = f"{err.code().name}: {err.details()}"
-                log.debug("%s on %s failed (%s); retrying", what, ep.address, errors[ep.address])
+                self._release(ep, ok=False, transient=True, error=f"{err.code().name}: {err.details()}")
+                log.debug("%s on %s failed (%s); retrying", what, ep.address, ep.last_error)
                 continue
             self._release(ep, ok=True, transient=False)
             return result
         with self._lock:
             self._window.failures += 1
-        detail = "; ".join(f"{address}: {message}" for address, message in errors.items()) or "no attempt fit in time"
+            detail = "; ".join(f"{e.address}: {e.last_error}" for e in self._endpoints if e.failures) or "too slow"
         raise SurrogateUnavailable(f"no surrogate server answered {what} within {self.timeout:g}s ({detail})")
 
     def _acquire(self, deadline: float) -> _Endpoint | None:
@@ -373,7 +374,7 @@ class RemoteSurrogate:
                 wake = min(e.retry_at for e in self._endpoints)
             time.sleep(max(0.0, min(wake, deadline) - now))
 
-    def _release(self, ep: _Endpoint, *, ok: bool, transient: bool) -> None:
+    def _release(self, ep: _Endpoint, *, ok: bool, transient: bool, error: str = "") -> None:
         with self._lock:
             ep.outstanding -= 1
             if ok:
@@ -385,6 +386,7 @@ class RemoteSurrogate:
                 pause = min(largest, first * 2**ep.failures) * random.uniform(0.5, 1.0)
                 ep.failures += 1
                 ep.retry_at = time.monotonic() + pause
+                ep.last_error = error
                 self._window.retries += 1
 
     # -- metrics and lifetime --------------------------------------------------------------

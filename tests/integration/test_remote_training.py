@@ -1,0 +1,275 @@
+"""Training against real surrogate server processes on loopback (``python -m surrogate_server``).
+
+One server (a tiny Llama surrogate with a SentencePiece-style tokenizer; the base is a
+tiny GPT-2 with byte-level BPE) serves the whole module; tests that kill it start it
+again on the same port before they end. Outages are kept short with a small
+``request_timeout``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from surrogate_server.engine import SurrogateEngine
+from trainer.checkpoint import checkpoints
+from trainer.config import build_config, merge
+from trainer.guide import SurrogateUnavailable, placeholder_id
+from trainer.guidance import surrogate_inputs
+from trainer.remote import RemoteSurrogate
+from trainer.train import train
+from trainer.vocab import align_vocabularies
+from transformers import AutoTokenizer
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+SEQ_LEN = 32
+TIMEOUT = 2.0  # surrogate.request_timeout in these tests: an outage costs a batch this long
+TOKEN = "integration-secret"
+
+
+class ServerProcess:
+    """``python -m surrogate_server`` as a subprocess: start, kill, start again on the same port."""
+
+    def __init__(self, model_dir: Path, *, token_file: Path | None = None, boot_timeout: float = 120.0):
+        self.model_dir = model_dir
+        self.token_file = token_file
+        self.boot_timeout = boot_timeout
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.log: collections.deque[str] = collections.deque(maxlen=200)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        cmd = [sys.executable, "-m", "surrogate_server", "--model", str(self.model_dir), "--host", "127.0.0.1",
+               "--port", str(self.port), "--http_port", "0", "--device", "cpu", "--dtype", "float32"]
+        if self.token_file is not None:
+            cmd += ["--auth_token_file", str(self.token_file)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+        ready = threading.Event()
+        threading.Thread(target=self._drain, args=(self.proc, ready), daemon=True).start()
+        if not ready.wait(self.boot_timeout) or self.proc.poll() is not None:
+            self.kill()
+            raise RuntimeError("surrogate server did not become ready:\n" + "\n".join(self.log))
+        return self
+
+    def _drain(self, proc: subprocess.Popen, ready: threading.Event) -> None:
+        """Read the server's output (so its pipe never fills); note the port from the ready line."""
+        for line in proc.stdout:
+            self.log.append(line.rstrip())
+            if match := re.match(r"ready grpc=\S+:(\d+) ", line):
+                self.port = int(match[1])
+                ready.set()
+        ready.set()  # the server exited: start() sees it and reports the log
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+@pytest.fixture(scope="module")
+def server(surrogate_dir):
+    process = ServerProcess(surrogate_dir).start()
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def config_for(base_dir, surrogate_dir, train_file):
+    """A tiny run's config: 10 steps of 4 x 32 tokens, per-step logs, in-process or remote surrogate.
+
+    No probability threshold: the random-init surrogate is too flat to pass one, and
+    guided_share > 0 must tell guided steps from skipped ones.
+    """
+
+    def make(output_dir: Path, surrogate: dict | None = None, training: dict | None = None):
+        defaults = {
+            "model": {"name_or_path": str(base_dir)},
+            "surrogate": {"name_or_path": str(surrogate_dir), "k": 8, "probability_threshold": 0.0,
+                          "request_timeout": TIMEOUT},
+            "data": {"train_file": str(train_file), "max_seq_length": SEQ_LEN, "max_eval_blocks": 4},
+            "training": {"output_dir": str(output_dir), "max_steps": 10, "per_device_train_batch_size": 4,
+                         "learning_rate": 3e-3, "logging_steps": 1, "save_steps": None, "progress_bar": False,
+                         "device": "cpu"},
+        }
+        return build_config(merge(defaults, {"surrogate": surrogate or {}, "training": training or {}}))
+
+    return make
+
+
+def remote(server: ServerProcess, **extra) -> dict:
+    return {"name_or_path": None, "endpoint": server.address, **extra}
+
+
+@pytest.fixture(scope="module")
+def in_process_run(config_for, tmp_path_factory):
+    """The reference: the same run with the surrogate in the trainer's process."""
+    return train(config_for(tmp_path_factory.mktemp("in_process")))
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_losses(a: list[dict], b: list[dict]) -> None:
+    assert [h["step"] for h in a] == [h["step"] for h in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "ce", "surrogate_term", "guided_share"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key, x[key], y[key])
+
+
+class KillSwitch:
+    """Wraps RemoteSurrogate.topk: kills the server at call ``kill_at``, starts it again at ``restart_at``."""
+
+    def __init__(self, server: ServerProcess, kill_at: int, restart_at: int | None = None):
+        self.server, self.kill_at, self.restart_at = server, kill_at, restart_at
+        self.calls = 0
+        self.lock = threading.Lock()
+        self.original = RemoteSurrogate.topk
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        switch = self
+
+        def topk(client, *args, **kwargs):
+            with switch.lock:  # serialises the prefetch threads only around the kill / restart
+                switch.calls += 1
+                if switch.calls == switch.kill_at:
+                    switch.server.kill()
+                if switch.calls == switch.restart_at:
+                    switch.server.start()
+            return switch.original(client, *args, **kwargs)
+
+        monkeypatch.setattr(RemoteSurrogate, "topk", topk)
+
+
+# -- (1) the wire answers what the engine answers ----------------------------------------------
+def test_remote_topk_equals_the_in_process_engine(server, base_dir, surrogate_dir, texts):
+    engine = SurrogateEngine.from_pretrained(str(surrogate_dir), device="cpu", dtype="float32")
+    base_tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    with RemoteSurrogate([server.address], timeout=10) as client:
+        spec = client.vocabulary_spec()
+        assert spec == engine.vocabulary_spec()
+        alignment = align_vocabularies(base_tokenizer, spec, sample_text=texts[0])
+        base_ids = torch.tensor(base_tokenizer("\n".join(texts[:20]))["input_ids"][: 3 * SEQ_LEN]).view(3, SEQ_LEN)
+        s_ids, s_mask = surrogate_inputs(base_ids, alignment, placeholder_id(spec))
+        for k, floor in ((9, math.log(0.01)), (5, None)):
+            got = client.topk(s_ids, s_mask, k, alignment.permitted, floor)
+            want = engine.topk(s_ids, s_mask, k, alignment.permitted, floor)
+            assert torch.equal(got.ids, want.ids)
+            torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+        stats = client.stats()
+    assert stats["guidance_requests"] == 2 and stats["guidance_failures"] == 0
+    assert 0 < stats["guidance_bytes_per_token"] < 9 * 8 + 8  # int32 id + float32 log-prob per kept slot
+
+
+# -- (2) a remote run trains exactly like an in-process one ------------------------------------
+def test_remote_training_matches_in_process(server, config_for, in_process_run, tmp_path):
+    result = train(config_for(tmp_path, remote(server)))
+    assert result.steps == 10
+    assert_same_losses(result.history, in_process_run.history)
+    assert result.eval_loss == pytest.approx(in_process_run.eval_loss, rel=1e-5)
+    last = read_metrics(tmp_path)[-2]  # the last step's record (the final one is the eval)
+    assert last["unguided_batches"] == 0 and all(h["guided_share"] > 0 for h in result.history)
+    for key in ("guidance_latency_ms_p50", "guidance_bytes_per_token", "guidance_requests", "input_wait_share"):
+        assert key in last, key
+
+
+# -- (3) outages: skip trains through, fail stops after a checkpoint ---------------------------
+def test_server_killed_and_restarted_mid_training_skip(server, config_for, tmp_path, monkeypatch):
+    KillSwitch(server, kill_at=4, restart_at=7).install(monkeypatch)
+    try:
+        result = train(config_for(tmp_path, remote(server, on_failure="skip"), {"max_steps": 12}))
+    finally:
+        if server.proc.poll() is not None:
+            server.start()
+    assert result.steps == 12
+    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    skipped = int(records[-1]["unguided_batches"])
+    unguided_steps = [r["step"] for r in records if r["guided_share"] == 0]
+    assert skipped >= 3 and len(unguided_steps) == skipped, (skipped, unguided_steps)
+    # Batch 3 may be in flight in the other prefetch thread when call 4 kills the server.
+    assert unguided_steps[0] >= 3 and records[-1]["guided_share"] > 0  # guidance resumed by itself
+    assert sum(r.get("guidance_failures", 0) for r in records) == skipped
+    # The restarted server forgot the permitted set: the client registered it again.
+    assert sum(r.get("guidance_reregistrations", 0) for r in records) >= 1
+
+
+def test_server_killed_mid_training_fail_then_resume(server, config_for, in_process_run, tmp_path, monkeypatch):
+    KillSwitch(server, kill_at=4).install(monkeypatch)
+    try:
+        with pytest.raises(SurrogateUnavailable, match="--resume_from_checkpoint latest"):
+            train(config_for(tmp_path, remote(server, on_failure="fail")))
+    finally:
+        server.start()
+    # The last complete step: 3, or 2 when batch 3 was in flight as call 4 killed the server.
+    saved = [p.name for p in checkpoints(tmp_path)]
+    assert saved in (["checkpoint-3"], ["checkpoint-2"]), saved
+    done = int(saved[0].removeprefix("checkpoint-"))
+    monkeypatch.undo()
+    resumed = train(config_for(tmp_path, remote(server, on_failure="fail"), {"resume_from_checkpoint": "latest"}))
+    assert resumed.steps == 10 and [h["step"] for h in resumed.history] == list(range(done + 1, 11))
+    assert_same_losses(resumed.history, in_process_run.history[done:])
+
+
+# -- (4) re-registration, (5) failover, (6) auth ------------------------------------------------
+def test_permitted_set_is_registered_again_after_a_restart(server):
+    with RemoteSurrogate([server.address], timeout=30) as client:
+        vocab = client.info().vocab_size
+        ids = torch.randint(3, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+        permitted = torch.rand(vocab, generator=torch.Generator().manual_seed(1)) < 0.5
+        before = client.topk(ids, torch.ones_like(ids), 6, permitted)
+        server.restart()
+        after = client.topk(ids, torch.ones_like(ids), 6, permitted)
+        stats = client.stats()
+    assert stats["guidance_reregistrations"] == 1
+    assert torch.equal(before.ids, after.ids) and bool(permitted[before.ids[before.ids >= 0]].all())
+
+
+def test_two_endpoints_one_dead_requests_go_to_the_live_one(server, config_for, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
+    result = train(config_for(tmp_path, remote(server, endpoint=f"{dead},{server.address}"), {"max_steps": 4}))
+    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert result.steps == 4 and records[-1]["unguided_batches"] == 0
+    assert all(r["guided_share"] > 0 for r in records)
+    assert sum(r["guidance_failures"] for r in records) == 0
+
+
+def test_auth_token(surrogate_dir, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    secured = ServerProcess(surrogate_dir, token_file=token_file).start()
+    try:
+        with RemoteSurrogate([secured.address], timeout=5) as client:
+            with pytest.raises(ValueError, match="auth_token_file"):
+                client.info()
+        with RemoteSurrogate([secured.address], token="wrong", timeout=5) as client:
+            with pytest.raises(ValueError, match="refused"):
+                client.info()
+        with RemoteSurrogate([secured.address], token=TOKEN, timeout=5) as client:
+            ids = torch.randint(3, 500, (1, 8))
+            assert client.topk(ids, torch.ones_like(ids), 4).ids.shape == (1, 8, 4)
+    finally:
+        secured.kill()
