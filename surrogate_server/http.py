@@ -1,0 +1,206 @@
+"""HTTP side of the surrogate server: probes, Prometheus metrics and a msgpack top-k endpoint.
+
+Served by uvicorn in the same process and event loop as the gRPC server, over the same
+SurrogateService (same batcher: HTTP and gRPC requests share forward batches).
+
+    GET  /healthz        200 while the process runs (open)
+    GET  /readyz         200 when the model is loaded and the server is not draining, else 503 (open)
+    GET  /metrics        Prometheus text format
+    GET  /v1/info        InfoResponse as JSON (proto field names)
+    GET  /v1/vocabulary  VocabularyResponse as JSON
+    POST /v1/permitted   msgpack {"mask": Tensor} -> msgpack {"permitted_id": str, "permitted_count": int}
+    POST /v1/topk        msgpack TopKRequest -> msgpack TopKResponse
+
+msgpack bodies carry the proto's fields under the same names; a Tensor is a map
+``{"dtype": "INT32" (or its enum number), "shape": [B, T], "data": <bin, little-endian>}``::
+
+    request  {"request_id": str, "input_ids": Tensor, "attention_mask": Tensor (optional),
+              "k": int, "logprob_floor": float (optional), "permitted_id": str (optional)}
+    response {"request_id": str, "counts": Tensor, "ids": Tensor, "logprobs": Tensor,
+              "timings": {"queue_ms": float, "compute_ms": float, "batch_requests": int, "batch_tokens": int}}
+
+Errors answer JSON ``{"code": "INVALID_ARGUMENT", "message": "..."}`` with 400 (invalid
+argument), 401 (auth), 404 (unknown permitted set), 413 (body over --max_message_mb),
+429 (queue full), 503 (draining) or 500. With a token configured, every route but
+/healthz and /readyz needs the header ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import msgpack
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from google.protobuf import json_format
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
+from surrogate_server.server import TOKEN_ENV, ServiceError, SurrogateService
+
+MSGPACK = "application/msgpack"
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
+}
+_TENSOR_KEYS = {"dtype", "shape", "data"}
+_REQUEST_TENSORS = {"topk": ("input_ids", "attention_mask"), "permitted": ("mask",)}
+
+
+def build_app(state: SurrogateService) -> FastAPI:
+    """The FastAPI app over ``state``; its lifespan starts the service and, at shutdown, drains it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.start()
+        yield
+        await state.close()
+
+    app = FastAPI(title="SDCE surrogate server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    authorized = [Depends(functools.partial(_check_token, state))]
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, err: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if err.code == grpc.StatusCode.UNAUTHENTICATED else None
+        return JSONResponse({"code": err.code.name, "message": err.message},
+                            status_code=getattr(err, "http_status", _HTTP_STATUS.get(err.code, 500)), headers=headers)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        status = "ready" if state.ready else ("draining" if state.draining else "starting")
+        return JSONResponse({"status": status}, status_code=200 if state.ready else 503)
+
+    @app.get("/metrics", dependencies=authorized)
+    async def metrics() -> Response:
+        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/info", dependencies=authorized)
+    async def info() -> dict[str, Any]:
+        return _json(await state.call("HTTP.GetInfo", state.info))
+
+    @app.get("/v1/vocabulary", dependencies=authorized)
+    async def vocabulary() -> dict[str, Any]:
+        return _json(await state.call("HTTP.GetVocabulary", state.vocabulary))
+
+    @app.post("/v1/permitted", dependencies=authorized)
+    async def permitted(request: Request) -> Response:
+        message = pb.RegisterPermittedRequest(**_decode_body(await _body(request, state), "permitted"))
+        answer = await state.call("HTTP.RegisterPermitted", functools.partial(state.register_permitted, message))
+        return _msgpack({"permitted_id": answer.permitted_id, "permitted_count": answer.permitted_count})
+
+    @app.post("/v1/topk", dependencies=authorized)
+    async def topk(request: Request) -> Response:
+        message = _topk_request(_decode_body(await _body(request, state), "topk"))
+        answer = await state.call("HTTP.TopK", functools.partial(state.topk, message))
+        return _msgpack({
+            "request_id": answer.request_id,
+            **{name: tensor_to_dict(getattr(answer, name)) for name in ("counts", "ids", "logprobs")},
+            "timings": {field.name: getattr(answer.timings, field.name) for field in pb.Timings.DESCRIPTOR.fields},
+        })
+
+    return app
+
+
+def tensor_to_dict(tensor: pb.Tensor) -> dict[str, Any]:
+    """A Tensor message as the msgpack map of this API."""
+    return {"dtype": pb.DType.Name(tensor.dtype), "shape": list(tensor.shape), "data": tensor.data}
+
+
+def tensor_from_dict(value: Any, name: str) -> pb.Tensor:
+    """The msgpack map of a Tensor -> the message; ServiceError(INVALID_ARGUMENT) naming what is wrong."""
+    if not isinstance(value, dict) or set(value) != _TENSOR_KEYS:
+        raise _invalid(f"{name} must be a map with exactly the keys {sorted(_TENSOR_KEYS)}")
+    dtype, shape, data = value["dtype"], value["shape"], value["data"]
+    if isinstance(dtype, str):
+        if dtype not in pb.DType.keys():
+            raise _invalid(f"{name}.dtype {dtype!r} is not one of {list(pb.DType.keys())}")
+        dtype = pb.DType.Value(dtype)
+    if not isinstance(data, bytes):
+        raise _invalid(f"{name}.data must be msgpack bin (bytes), got {type(data).__name__}")
+    try:
+        return pb.Tensor(dtype=dtype, shape=shape, data=data)
+    except (TypeError, ValueError) as err:
+        raise _invalid(f"{name}: {err}") from err
+
+
+def _topk_request(body: dict[str, Any]) -> pb.TopKRequest:
+    try:
+        return pb.TopKRequest(**body)
+    except (TypeError, ValueError) as err:
+        raise _invalid(f"bad field in the request body: {err}") from err
+
+
+def _decode_body(body: bytes, kind: str) -> dict[str, Any]:
+    """A msgpack map body -> keyword arguments of the request message (Tensor maps converted)."""
+    try:
+        value = msgpack.unpackb(body, raw=False)
+    except Exception as err:  # msgpack raises several unrelated types for malformed input
+        raise _invalid(f"the body is not valid msgpack ({type(err).__name__}); send Content-Type {MSGPACK}") from err
+    if not isinstance(value, dict):
+        raise _invalid(f"the body must be a msgpack map, got {type(value).__name__}")
+    fields = (pb.TopKRequest if kind == "topk" else pb.RegisterPermittedRequest).DESCRIPTOR.fields_by_name
+    unknown = sorted(str(key) for key in value if key not in fields)
+    if unknown:
+        raise _invalid(f"unknown fields {unknown}; the fields are {sorted(fields)}")
+    for name in _REQUEST_TENSORS[kind]:
+        if value.get(name) is not None:
+            value[name] = tensor_from_dict(value[name], name)
+    return {key: item for key, item in value.items() if item is not None}
+
+
+async def _body(request: Request, state: SurrogateService) -> bytes:
+    """The request body, refused with 413 beyond the message limit."""
+    limit = state.config.max_message_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    body = await request.body()
+    if len(body) > limit:
+        raise _too_large(len(body), limit)
+    return body
+
+
+class _TooLarge(ServiceError):
+    """RESOURCE_EXHAUSTED, as gRPC answers an oversized message; HTTP 413."""
+
+    http_status = 413
+
+
+def _too_large(size: int, limit: int) -> ServiceError:
+    return _TooLarge(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the body has {size} bytes, over the {limit}-byte "
+                     "limit (--max_message_mb); send smaller batches")
+
+
+async def _check_token(state: SurrogateService, request: Request) -> None:
+    token = state.config.auth_token
+    if token is None:
+        return
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        state.metrics.observe_call(f"HTTP {request.url.path}", grpc.StatusCode.UNAUTHENTICATED, 0.0)
+        raise ServiceError(grpc.StatusCode.UNAUTHENTICATED,
+                           f"missing or wrong auth token: send 'Authorization: Bearer <token>' with the server's "
+                           f"token (its {TOKEN_ENV} or --auth_token_file)")
+
+
+def _invalid(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _json(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+def _msgpack(value: dict[str, Any]) -> Response:
+    return Response(msgpack.packb(value, use_bin_type=True), media_type=MSGPACK)

@@ -1,0 +1,473 @@
+"""The surrogate gRPC server (protos/sdce/surrogate/v1/surrogate.proto) and its shared core.
+
+    service = SurrogateService(engine, ServerConfig(max_k=64))
+    server, port = create_server(service, host="127.0.0.1", port=0)
+    await service.start()          # health SERVING
+    await server.start()
+    ...
+    await service.start_draining() # health NOT_SERVING, open streams end after their in-flight work
+    await server.stop(grace=30)    # refuse new RPCs, finish in-flight ones
+    await service.close()
+
+``SurrogateService`` holds what gRPC and HTTP (``surrogate_server.http``) share: the
+engine, the dynamic batcher, the registered permitted sets, request validation, health
+and the per-instance Prometheus metrics. Every user error is a :class:`ServiceError`
+with a status code and a message saying what to change; the edges map it to a gRPC
+status, a streaming ``error_code`` or an HTTP status.
+
+Auth: with ``ServerConfig.auth_token`` set, every RPC must carry the metadata
+``authorization: Bearer <token>``, or it fails with UNAUTHENTICATED. The standard health
+service stays open (load balancers and orchestrators probe without secrets; it reveals
+nothing but SERVING / NOT_SERVING). Reflection requires the token like everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import inspect
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from torch import Tensor
+
+from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
+from protos.sdce.surrogate.v1 import surrogate_pb2_grpc as pb_grpc
+from surrogate_server import codec
+from surrogate_server.batcher import BatcherConfig, Closed, DynamicBatcher, Job, QueueFull
+from surrogate_server.engine import SurrogateEngine
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Surrogate"].full_name  # "sdce.surrogate.v1.Surrogate"
+PROTOCOL_VERSION = 1
+SERVER_VERSION = "0.1.0"
+TOKEN_ENV = "SDCE_SURROGATE_TOKEN"
+_OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+@dataclass
+class ServerConfig:
+    """Limits and security of one server (each field without ``cli: False`` is a CLI flag)."""
+
+    max_k: int = field(default=64, metadata={"help": "largest k a request may ask for"})
+    max_tokens_per_request: int = field(default=16384, metadata={
+        "help": "largest B*T of one request; larger batches are refused with INVALID_ARGUMENT"})
+    max_permitted_sets: int = field(default=64, metadata={
+        "help": "permitted sets kept in memory; the least recently used is forgotten (clients re-register)"})
+    max_message_mb: float = field(default=64.0, metadata={
+        "help": "gRPC send/receive and HTTP body limit, MiB"})
+    tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate: serve gRPC and HTTP over TLS"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls_cert"})
+    auth_token: str | None = field(default=None, metadata={"cli": False})
+    """Shared secret every call must carry; None = no auth. Never a CLI flag (it would show in ps)."""
+    model_id: str = field(default="", metadata={"cli": False})
+    """The hub name or path reported by GetInfo; defaults to the model config's name."""
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("max_k", "max_tokens_per_request", "max_permitted_sets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        codec.counts_dtype(self.max_k)  # max_k must fit the counts encoding
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both --tls_cert and --tls_key, or neither")
+        worst = self.max_tokens_per_request * (2 + 8 * self.max_k) + (64 << 10)  # + headroom for the rest
+        if worst > self.max_message_bytes:
+            raise ValueError(f"a response may take {worst / 2**20:.1f} MiB (max_tokens_per_request x (2 + 8 x max_k) "
+                             f"bytes), over max_message_mb = {self.max_message_mb}; raise --max_message_mb or lower "
+                             "--max_tokens_per_request / --max_k")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 2**20)
+
+
+class ServiceError(Exception):
+    """A request the server refuses: a gRPC status code and a message saying what to change."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Metrics:
+    """Prometheus metrics of one server instance, in their own registry (never the global one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("sdce_surrogate_requests", "Calls by rpc and final status code",
+                                ["rpc", "code"], registry=r)
+        self.errors = Counter("sdce_surrogate_errors", "Failed calls by status code", ["code"], registry=r)
+        self.tokens = Counter("sdce_surrogate_tokens", "Positions (B*T) answered", registry=r)
+        self.batch_requests = Histogram("sdce_surrogate_batch_requests", "Requests merged into one forward",
+                                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128), registry=r)
+        self.batch_tokens = Histogram("sdce_surrogate_batch_tokens", "Padded tokens in one forward",
+                                      buckets=tuple(2.0**i for i in range(4, 20)), registry=r)
+        self.queue_depth = Gauge("sdce_surrogate_queue_depth", "Requests waiting for a forward", registry=r)
+        latency = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+        self.queue_seconds = Histogram("sdce_surrogate_queue_seconds", "Time a request waited for its forward",
+                                       buckets=latency, registry=r)
+        self.compute_seconds = Histogram("sdce_surrogate_compute_seconds", "Time of the forward batch a request "
+                                         "was part of", buckets=latency, registry=r)
+        self.request_seconds = Histogram("sdce_surrogate_request_seconds", "Time from receipt to answer, by rpc",
+                                         ["rpc"], buckets=latency, registry=r)
+
+    def observe_batch(self, requests: int, tokens: int, compute_s: float) -> None:
+        self.batch_requests.observe(requests)
+        self.batch_tokens.observe(tokens)
+
+    def observe_queue_depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def observe_call(self, rpc: str, code: grpc.StatusCode, seconds: float) -> None:
+        self.requests.labels(rpc, code.name).inc()
+        if code != grpc.StatusCode.OK:
+            self.errors.labels(code.name).inc()
+        self.request_seconds.labels(rpc).observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SurrogateService:
+    """What the gRPC and HTTP edges share; see the module docstring."""
+
+    def __init__(self, engine: SurrogateEngine, config: ServerConfig | None = None) -> None:
+        self.engine = engine
+        self.config = config or ServerConfig()
+        self.metrics = Metrics()
+        self.batcher = DynamicBatcher(self._forward, self.config.batcher, observer=self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.started = False
+        self.draining = False
+        self._streams: set[asyncio.Task[None]] = set()  # stream readers, stopped when draining
+        self._permitted: OrderedDict[str, tuple[Tensor, int]] = OrderedDict()
+        self._spec = engine.vocabulary_spec() if engine.tokenizer is not None else None
+        text_config = engine.model.config.get_text_config()
+        self._max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
+        self._info = self._build_info()
+
+    @property
+    def ready(self) -> bool:
+        """Model loaded, serving started and not draining."""
+        return self.started and not self.draining
+
+    async def start(self) -> None:
+        """Mark the service SERVING (idempotent)."""
+        if not self.started:
+            for name in ("", SERVICE_NAME):
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self.started = True
+
+    async def start_draining(self) -> None:
+        """Health NOT_SERVING, refuse new requests, let open streams end after their in-flight work."""
+        if not self.draining:
+            self.draining = True
+            await self.health.enter_graceful_shutdown()
+            for reader in list(self._streams):
+                reader.cancel()
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Drain and stop the batcher (queued requests still run)."""
+        await self.start_draining()
+        await self.batcher.close(timeout)
+
+    async def call(self, rpc: str, fn: Callable[[], Awaitable[T] | T]) -> T:
+        """Run one call of ``rpc``, recording its metrics; any unexpected error becomes INTERNAL."""
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            result = fn()
+            return await result if inspect.isawaitable(result) else result
+        except ServiceError as err:
+            code = err.code
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as err:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", rpc)
+            raise ServiceError(code, f"internal error in {rpc}: {type(err).__name__}: {err}") from err
+        finally:
+            self.metrics.observe_call(rpc, code, time.perf_counter() - started)
+
+    def info(self) -> pb.InfoResponse:
+        return self._info
+
+    def vocabulary(self) -> pb.VocabularyResponse:
+        if self._spec is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "this server's model was loaded without a tokenizer; it has no vocabulary to send")
+        return pb.VocabularyResponse(spec_json=json.dumps(self._spec.to_dict(), ensure_ascii=False),
+                                     fingerprint=self._info.vocabulary_fingerprint)
+
+    def register_permitted(self, request: pb.RegisterPermittedRequest) -> pb.RegisterPermittedResponse:
+        """Store a permitted-id mask under its content address (LRU-bounded)."""
+        vocab = self.engine.vocab_size
+        mask = _unpack(request.mask, "mask", dtypes=(pb.UINT8,), ndim=1)
+        if not 1 <= len(mask) <= vocab:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"mask must have between 1 and vocab_size = {vocab} "
+                               f"entries (one per surrogate id), got {len(mask)}")
+        if mask.max() > 1:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "mask must hold only 0 and 1")
+        count = int(mask.sum(dtype=np.int64))
+        if count == 0:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "the permitted set is empty; permit at least one id")
+        key = codec.permitted_id(request.mask)
+        self._permitted[key] = (torch.from_numpy(mask.astype(bool)), count)
+        self._permitted.move_to_end(key)
+        while len(self._permitted) > self.config.max_permitted_sets:
+            self._permitted.popitem(last=False)
+        return pb.RegisterPermittedResponse(permitted_id=key, permitted_count=count)
+
+    async def topk(self, request: pb.TopKRequest) -> pb.TopKResponse:
+        """Validate, queue for a shared forward, encode compactly."""
+        if self.draining:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is draining (shutting down); "
+                               "send the request to another replica or retry after it restarts")
+        job = self._job(request)
+        try:
+            result = await self.batcher.submit(job)
+        except QueueFull as err:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from err
+        except Closed as err:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(err)) from err
+        counts, ids, logprobs = codec.encode_topk(result.logprobs, result.ids)
+        self.metrics.tokens.inc(job.input_ids.numel())
+        self.metrics.queue_seconds.observe(result.queue_ms / 1000)
+        self.metrics.compute_seconds.observe(result.compute_ms / 1000)
+        timings = pb.Timings(queue_ms=result.queue_ms, compute_ms=result.compute_ms,
+                             batch_requests=result.batch_requests, batch_tokens=result.batch_tokens)
+        return pb.TopKResponse(request_id=request.request_id, counts=counts, ids=ids, logprobs=logprobs,
+                               timings=timings)
+
+    def _job(self, request: pb.TopKRequest) -> Job:
+        """The batcher job for a request, or ServiceError naming what is wrong with it."""
+        invalid = functools.partial(ServiceError, grpc.StatusCode.INVALID_ARGUMENT)
+        ids = _unpack(request.input_ids, "input_ids", dtypes=(pb.INT32, pb.INT64), ndim=2)
+        batch, length = ids.shape
+        limit, vocab = self.config.max_tokens_per_request, self.engine.vocab_size
+        if ids.size == 0:
+            raise invalid(f"input_ids is empty (shape [{batch}, {length}]); send at least one position")
+        if ids.size > limit:
+            raise invalid(f"input_ids has B*T = {batch} x {length} = {ids.size} positions, over "
+                          f"max_tokens_per_request = {limit}; split the batch into smaller requests")
+        if self._max_positions is not None and length > self._max_positions:
+            raise invalid(f"sequence length T = {length} exceeds the model's max_position_embeddings = "
+                          f"{self._max_positions}; send shorter sequences")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise invalid(f"input_ids must lie in [0, {vocab}) (the surrogate vocabulary), got values in "
+                          f"[{low}, {high}]; map unaligned tokens to a valid placeholder id with attention_mask 0")
+        if request.HasField("attention_mask"):
+            mask = _unpack(request.attention_mask, "attention_mask", dtypes=(pb.UINT8,), ndim=2)
+            if mask.shape != ids.shape:
+                raise invalid(f"attention_mask shape {list(mask.shape)} must equal input_ids shape {list(ids.shape)}")
+            if mask.max() > 1:
+                raise invalid("attention_mask must hold only 0 and 1")
+        else:
+            mask = np.ones(ids.shape, np.int64)
+        if not 1 <= request.k <= self.config.max_k:
+            raise invalid(f"k must be in [1, max_k = {self.config.max_k}], got {request.k}")
+        floor = request.logprob_floor if request.HasField("logprob_floor") else None
+        if floor is not None and math.isnan(floor):
+            raise invalid("logprob_floor is NaN; send a log-probability such as log(0.02), or leave it unset")
+        permitted = None
+        if request.permitted_id:
+            entry = self._permitted.get(request.permitted_id)
+            if entry is None:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, f"permitted set {request.permitted_id!r} is not "
+                                   "registered here (the server restarted or forgot it); call RegisterPermitted "
+                                   "again and retry")
+            self._permitted.move_to_end(request.permitted_id)
+            permitted = entry[0]
+        return Job.make(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)),
+                        request.k, floor, request.permitted_id, permitted)
+
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> Any:
+        return self.engine.topk(input_ids, attention_mask, k, permitted)
+
+    def _build_info(self) -> pb.InfoResponse:
+        described = self.engine.describe()
+        spec, tokenizer = self._spec, self.engine.tokenizer
+        return pb.InfoResponse(
+            protocol_version=PROTOCOL_VERSION, server_version=SERVER_VERSION,
+            model_id=self.config.model_id or described["model"], vocab_size=self.engine.vocab_size,
+            tokenizer_size=len(tokenizer) if tokenizer is not None else 0,
+            tokenizer_family=spec.family if spec else "", special_tokens=spec.special_tokens if spec else {},
+            vocabulary_fingerprint=spec.fingerprint() if spec else "", max_k=self.config.max_k,
+            max_tokens_per_request=self.config.max_tokens_per_request, dtype=described["dtype"],
+            device=described["device"])
+
+
+def _unpack(message: pb.Tensor, name: str, **kwargs: Any) -> np.ndarray:
+    """codec.unpack with its ValueError as INVALID_ARGUMENT."""
+    try:
+        return codec.unpack(message, name, **kwargs)
+    except ValueError as err:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
+
+
+class SurrogateServicer(pb_grpc.SurrogateServicer):
+    """The gRPC edge: SurrogateService calls, ServiceError -> status (or error_code on the stream)."""
+
+    def __init__(self, service: SurrogateService) -> None:
+        self._service = service
+
+    async def GetInfo(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        return await self._unary(context, "GetInfo", self._service.info)
+
+    async def GetVocabulary(self, request: pb.VocabularyRequest,
+                            context: grpc.aio.ServicerContext) -> pb.VocabularyResponse:
+        return await self._unary(context, "GetVocabulary", self._service.vocabulary)
+
+    async def RegisterPermitted(self, request: pb.RegisterPermittedRequest,
+                                context: grpc.aio.ServicerContext) -> pb.RegisterPermittedResponse:
+        return await self._unary(context, "RegisterPermitted",
+                                 functools.partial(self._service.register_permitted, request))
+
+    async def TopK(self, request: pb.TopKRequest, context: grpc.aio.ServicerContext) -> pb.TopKResponse:
+        return await self._unary(context, "TopK", functools.partial(self._service.topk, request))
+
+    async def TopKStream(self, request_iterator: AsyncIterator[pb.TopKRequest],
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TopKResponse]:
+        """Answers in completion order. Draining stops reading; the stream ends once answered."""
+        responses: asyncio.Queue[pb.TopKResponse | None] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.TopKRequest) -> None:
+            responses.put_nowait(await self._stream_item(request))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+            except asyncio.CancelledError:
+                pass  # draining, or the call ended
+            finally:
+                if pending:
+                    await asyncio.wait(set(pending))
+                responses.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        self._service._streams.add(reader)
+        reader.add_done_callback(self._service._streams.discard)
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+
+    async def _stream_item(self, request: pb.TopKRequest) -> pb.TopKResponse:
+        try:
+            return await self._service.call("TopKStream", functools.partial(self._service.topk, request))
+        except ServiceError as err:
+            return pb.TopKResponse(request_id=request.request_id, error_code=err.code.value[0],
+                                   error_message=err.message)
+
+    async def _unary(self, context: grpc.aio.ServicerContext, rpc: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return await self._service.call(rpc, fn)
+        except ServiceError as err:
+            await context.abort(err.code, err.message)
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every RPC without ``authorization: Bearer <token>`` (health checks excepted)."""
+
+    def __init__(self, token: str, metrics: Metrics | None = None) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_OPEN_METHOD_PREFIXES) or self._authorized(details):
+            return handler
+        if self._metrics is not None:
+            self._metrics.observe_call(details.method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED, 0.0)
+        return _refusing(handler)
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        values = [value for key, value in details.invocation_metadata or () if key == "authorization"]
+        given = values[0].encode() if values and isinstance(values[0], str) else b""
+        return hmac.compare_digest(given, self._expected)
+
+
+def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that fails with UNAUTHENTICATED."""
+    message = ("missing or wrong auth token: send metadata 'authorization: Bearer <token>' with the server's "
+               f"token (its {TOKEN_ENV} or --auth_token_file)")
+
+    async def refuse(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    serde = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, **serde)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse, **serde)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, **serde)
+    return grpc.stream_stream_rpc_method_handler(refuse, **serde)
+
+
+def create_server(engine: SurrogateEngine | SurrogateService, *, host: str = "127.0.0.1", port: int = 0,
+                  config: ServerConfig | None = None) -> tuple[grpc.aio.Server, int]:
+    """Build (not start) a grpc.aio server with the Surrogate service, health and reflection.
+
+    Args:
+        engine: the engine to serve, or a SurrogateService around it (to share it with the HTTP app).
+        host: interface to bind; 127.0.0.1 unless the server must be reachable from other hosts.
+        port: 0 picks a free port.
+        config: limits, auth and TLS; only with an engine (a service carries its own).
+
+    Returns:
+        The server and the port it is bound to. Call ``await service.start()`` and
+        ``await server.start()`` from the event loop that will run it.
+    """
+    if isinstance(engine, SurrogateService):
+        if config is not None:
+            raise ValueError("pass config to SurrogateService(engine, config), not with a service")
+        service = engine
+    else:
+        service = SurrogateService(engine, config)
+    config = service.config
+    limit = config.max_message_bytes
+    interceptors = [TokenInterceptor(config.auth_token, service.metrics)] if config.auth_token else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0)])
+    pb_grpc.add_SurrogateServicer_to_server(SurrogateServicer(service), server)
+    health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if config.tls_cert:
+        with open(config.tls_key, "rb") as key, open(config.tls_cert, "rb") as cert:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    return server, bound
