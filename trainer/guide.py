@@ -15,6 +15,7 @@ import concurrent.futures
 import logging
 import math
 import threading
+import time
 from typing import Any, Iterable, Iterator, Protocol
 
 import torch
@@ -75,6 +76,7 @@ class Guide:
         self.placeholder = placeholder
         self.on_failure = on_failure
         self.unguided_batches = 0  # batches trained on CE alone because the surrogate was unavailable
+        self.wait_seconds = 0.0  # time guided_batches' caller blocked on guidance (not on data), cumulative
         self._count_lock = threading.Lock()
         self._on_device: dict[torch.device, VocabAlignment] = {}
 
@@ -130,7 +132,10 @@ def guided_batches(batches: Iterable[Batch], guide: Guide | None, prefetch_depth
         return
     if prefetch_depth == 0:
         for batch in batches:
-            yield guide.attach(batch)
+            started = time.perf_counter()
+            guided = guide.attach(batch)
+            guide.wait_seconds += time.perf_counter() - started
+            yield guided
         return
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=prefetch_depth, thread_name_prefix="guidance")
     pending: collections.deque[concurrent.futures.Future] = collections.deque()
@@ -138,9 +143,18 @@ def guided_batches(batches: Iterable[Batch], guide: Guide | None, prefetch_depth
         for batch in batches:
             pending.append(pool.submit(guide.attach, batch))
             if len(pending) > prefetch_depth:
-                yield pending.popleft().result()
+                yield _result(pending.popleft(), guide)
         while pending:
-            yield pending.popleft().result()
+            yield _result(pending.popleft(), guide)
     finally:
         # Not wait=True: after the last step the trainer must not wait for guidance it will never use.
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _result(future: concurrent.futures.Future, guide: Guide) -> Batch:
+    """The future's batch, counting the time spent blocked on it in ``guide.wait_seconds``."""
+    started = time.perf_counter()
+    try:
+        return future.result()
+    finally:
+        guide.wait_seconds += time.perf_counter() - started
