@@ -151,8 +151,8 @@ class RemoteSurrogate:
         token: shared secret sent as ``authorization: Bearer <token>`` metadata (None: no auth).
         tls_ca: PEM file of the CA that signed the servers' certificates (None: plaintext).
         timeout: seconds one call may take, retries included, before SurrogateUnavailable.
-        attempt_timeout: seconds one attempt may take (default: half of ``timeout``, so
-            a hung server leaves time for another).
+        attempt_timeout: seconds one attempt may take (default: all of ``timeout`` with one
+            endpoint; half of it with several, so a hung server leaves time for another).
         backoff: (first, largest) pause in seconds before an endpoint that failed is tried again.
     """
 
@@ -175,7 +175,7 @@ class RemoteSurrogate:
             if not host or not port.isdigit():
                 raise ValueError(f"surrogate endpoint {address!r} is not host:port")
         self.timeout = timeout
-        self.attempt_timeout = attempt_timeout or timeout / 2
+        self.attempt_timeout = attempt_timeout or (timeout / 2 if len(endpoints) > 1 else timeout)
         self.backoff = backoff
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()) if tls_ca else None
@@ -241,6 +241,9 @@ class RemoteSurrogate:
         info = self.info()
         if not 1 <= k <= info.max_k:
             raise ValueError(f"k={k} is outside the server's range [1, {info.max_k}]: lower surrogate.k")
+        if input_ids.numel() == 0:  # the server refuses empty requests; the engine answers them empty
+            shape = (*input_ids.shape, k)
+            return TopK(logprobs=torch.full(shape, float("-inf")), ids=torch.full(shape, -1, dtype=torch.long))
         mask, permitted_id = self._permitted(permitted, info.vocab_size)
         rows = self._row_chunks(input_ids.shape, info.max_tokens_per_request)
         parts = []
@@ -292,6 +295,15 @@ class RemoteSurrogate:
         return ep.stub.TopK(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
 
     def _register(self, ep: _Endpoint, mask: pb.Tensor, permitted_id: str, deadline: float) -> None:
+        """Register the mask on ``ep``, first checking that ``ep`` (new to us, or restarted) serves our surrogate."""
+        info = ep.stub.GetInfo(pb.InfoRequest(), timeout=deadline - time.monotonic(), metadata=self._metadata)
+        expected = self.info()
+        if (info.vocabulary_fingerprint, info.vocab_size) != (expected.vocabulary_fingerprint, expected.vocab_size):
+            raise ValueError(
+                f"surrogate server {ep.address} serves {info.model_id!r} (vocabulary {info.vocabulary_fingerprint[:12]}, "
+                f"{info.vocab_size} ids), not the {expected.model_id!r} this run aligned with "
+                f"({expected.vocabulary_fingerprint[:12]}, {expected.vocab_size} ids): every endpoint must serve the same surrogate"
+            )
         response = ep.stub.RegisterPermitted(
             pb.RegisterPermittedRequest(mask=mask), timeout=deadline - time.monotonic(), metadata=self._metadata
         )
@@ -342,12 +354,15 @@ class RemoteSurrogate:
                 result = attempt(ep, budget)
             except grpc.RpcError as err:
                 if err.code() not in TRANSIENT:
-                    self._release(ep, ok=False, transient=False)
+                    self._release(ep)
                     raise _permanent_error(what, ep.address, err) from None
-                self._release(ep, ok=False, transient=True, error=f"{err.code().name}: {err.details()}")
+                self._release(ep, transient_error=f"{err.code().name}: {err.details()}")
                 log.debug("%s on %s failed (%s); retrying", what, ep.address, ep.last_error)
                 continue
-            self._release(ep, ok=True, transient=False)
+            except BaseException:
+                self._release(ep)
+                raise
+            self._release(ep, ok=True)
             return result
         with self._lock:
             self._window.failures += 1
@@ -374,19 +389,20 @@ class RemoteSurrogate:
                 wake = min(e.retry_at for e in self._endpoints)
             time.sleep(max(0.0, min(wake, deadline) - now))
 
-    def _release(self, ep: _Endpoint, *, ok: bool, transient: bool, error: str = "") -> None:
+    def _release(self, ep: _Endpoint, *, ok: bool = False, transient_error: str | None = None) -> None:
+        """End an attempt on ``ep``: success resets its backoff, a transient error extends it."""
         with self._lock:
             ep.outstanding -= 1
             if ok:
                 if ep.failures:
                     log.info("surrogate server %s answers again", ep.address)
                 ep.failures, ep.retry_at = 0, 0.0
-            elif transient:
+            elif transient_error is not None:
                 first, largest = self.backoff
                 pause = min(largest, first * 2**ep.failures) * random.uniform(0.5, 1.0)
                 ep.failures += 1
                 ep.retry_at = time.monotonic() + pause
-                ep.last_error = error
+                ep.last_error = transient_error
                 self._window.retries += 1
 
     # -- metrics and lifetime --------------------------------------------------------------

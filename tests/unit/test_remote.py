@@ -37,6 +37,7 @@ class FakeSurrogate(pb_grpc.SurrogateServicer):
     def __init__(self, engine: SurrogateEngine, max_tokens: int = 10_000):
         self.engine = engine
         self.spec = engine.vocabulary_spec()
+        self.fingerprint = self.spec.fingerprint()  # what GetInfo announces
         self.max_tokens = max_tokens
         self.masks: dict[str, torch.Tensor] = {}
         self.fail_with: list[grpc.StatusCode] = []  # statuses the next TopK calls answer with
@@ -54,7 +55,7 @@ class FakeSurrogate(pb_grpc.SurrogateServicer):
         self._enter("GetInfo", context)
         return pb.InfoResponse(
             protocol_version=1, model_id="tiny", vocab_size=self.engine.vocab_size, tokenizer_size=len(self.spec.tokens),
-            tokenizer_family=self.spec.family, vocabulary_fingerprint=self.spec.fingerprint(), max_k=64,
+            tokenizer_family=self.spec.family, vocabulary_fingerprint=self.fingerprint, max_k=64,
             max_tokens_per_request=self.max_tokens, dtype="float32", device="cpu",
         )
 
@@ -222,6 +223,27 @@ def test_load_is_shared_round_robin(engine):
     finally:
         for server, _ in started:
             server.stop(None)
+
+
+def test_an_endpoint_with_another_surrogate_is_refused(engine):
+    servers = [FakeSurrogate(engine) for _ in range(2)]
+    servers[1].fingerprint = "0" * 64
+    started = [_serve(s) for s in servers]
+    try:
+        ids, mask, permitted = _batch(engine)
+        with RemoteSurrogate([f"127.0.0.1:{port}" for _, port in started], timeout=5) as client:
+            with pytest.raises(ValueError, match="every endpoint must serve the same surrogate"):
+                for _ in range(2):  # round-robin: one of two requests reaches the odd server
+                    client.topk(ids, mask, 3, permitted)
+    finally:
+        for server, _ in started:
+            server.stop(None)
+
+
+def test_empty_batch_answers_empty_without_a_request(engine, fake):
+    with RemoteSurrogate([fake.address], timeout=5) as client:
+        top = client.topk(torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long), 4)
+    assert top.ids.shape == (2, 0, 4) and top.logprobs.shape == (2, 0, 4) and "TopK" not in fake.calls
 
 
 def test_guidance_resumes_when_the_server_comes_back(engine):
