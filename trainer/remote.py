@@ -399,7 +399,8 @@ class RemoteSurrogate:
                 ep.failures, ep.retry_at = 0, 0.0
             elif transient_error is not None:
                 first, largest = self.backoff
-                pause = min(largest, first * 2**ep.failures) * random.uniform(0.5, 1.0)
+                # At least ~4 attempts fit in one call's timeout, however long the outage has been.
+                pause = min(largest, self.timeout / 4, first * 2**ep.failures) * random.uniform(0.5, 1.0)
                 ep.failures += 1
                 ep.retry_at = time.monotonic() + pause
                 ep.last_error = transient_error
