@@ -2,12 +2,13 @@
 
 A bounded queue of jobs, each holding an asyncio future. One loop task cuts forward
 batches: it takes the oldest job's *bucket* (same permitted set, same sequence length
-rounded up to ``length_bucket``; padded only to the longest job it holds) and waits until the bucket holds ``max_batch_tokens``
-padded tokens or the oldest job has waited ``max_wait_ms``, then runs one forward in a
-worker thread (one forward at a time) with the largest k of the batch and splits the
-result back: each job gets its own rows, its own length, its own first k slots and its
-own floor. A batch that fails is retried job by job, so an error lands only on the
-job that causes it.
+rounded up to ``length_bucket``) and waits until the bucket holds ``max_batch_tokens``
+padded tokens or the oldest job has waited ``max_wait_ms``. It then runs one forward in a
+worker thread (one forward at a time), padded to the longest job of the batch, with the
+largest k of the batch, and splits the result back: each job gets its own rows, its own
+length, its own first k slots and its own floor. A batch that fails is retried job by
+job, so an error lands only on the job that causes it. Requests that arrive during a
+forward wait for the next one, so with ``max_wait_ms = 0`` batches still form under load.
 
     batcher = DynamicBatcher(engine.topk, BatcherConfig(max_batch_tokens=8192, max_wait_ms=5))
     result = await batcher.submit(Job.make(input_ids, attention_mask, k=31))

@@ -31,7 +31,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
@@ -382,18 +382,22 @@ def _tensors() -> st.SearchStrategy[pb.Tensor]:
     arbitrary = st.builds(pb.Tensor, dtype=st.integers(0, 9), shape=st.lists(st.integers(-2, 40), max_size=3),
                           data=st.binary(max_size=300))
 
-    def packed(args: tuple[int, int, np.dtype, int]) -> pb.Tensor:
-        rows, length, dtype, seed = args
-        return codec.pack(np.random.default_rng(seed).integers(-1, 514, (rows, length)).astype(dtype))
+    def packed(args: tuple[int, int, np.dtype, int, bool]) -> pb.Tensor:
+        rows, length, dtype, seed, out_of_range = args
+        values = np.random.default_rng(seed).integers(0, 512, (rows, length))
+        if out_of_range:
+            values.flat[seed % values.size] = [-1, 512][seed % 2]
+        return codec.pack(values.astype(dtype))
 
-    well_formed = st.tuples(st.integers(0, 3), st.integers(0, 12), st.sampled_from([np.int32, np.int64, np.uint8]),
-                            st.integers(0, 2**32 - 1)).map(packed)
-    return arbitrary | well_formed
+    well_formed = st.tuples(st.integers(1, 3), st.integers(1, 12), st.sampled_from([np.int32, np.int64]),
+                            st.integers(0, 2**32 - 1), st.sampled_from([False, False, False, True])).map(packed)
+    return st.one_of(arbitrary, well_formed, well_formed)
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(input_ids=_tensors(), mask=st.none() | _tensors(), k=st.integers(-3, 40),
-       floor=st.none() | st.floats(width=32), permitted_id=st.sampled_from(["", "0" * 64, "x"]))
+@given(input_ids=_tensors(), mask=st.tuples(st.sampled_from([None, None, None, 1]), _tensors()).map(lambda m: m[0] and m[1]),
+       k=st.one_of(st.integers(1, MAX_K), st.integers(-2, 24)),
+       floor=st.none() | st.floats(width=32), permitted_id=st.sampled_from(["", "", "", "0" * 64, "x"]))
 def test_fuzzed_requests_get_a_user_error_or_an_answer(stub: pb_grpc.SurrogateStub, input_ids: pb.Tensor,
                                                        mask: pb.Tensor | None, k: int, floor: float | None,
                                                        permitted_id: str) -> None:
@@ -405,9 +409,11 @@ def test_fuzzed_requests_get_a_user_error_or_an_answer(stub: pb_grpc.SurrogateSt
     try:
         response = stub.TopK(request, metadata=AUTH, timeout=10)
     except grpc.RpcError as err:
+        event(err.code().name)
         assert err.code() in (CODE.INVALID_ARGUMENT, CODE.NOT_FOUND), (err.code(), err.details())
         assert err.details()
     else:
+        event("OK")
         assert codec.unpack(response.counts).shape == tuple(input_ids.shape)
 
 

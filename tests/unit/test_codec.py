@@ -60,7 +60,8 @@ def test_empty_and_scalar_shapes() -> None:
     (pb.Tensor(dtype=pb.INT32, shape=[2, -3], data=b""), "negative dimension"),
     (pb.Tensor(dtype=pb.DTYPE_UNSPECIFIED, shape=[1], data=b"\0"), "dtype DTYPE_UNSPECIFIED"),
     (pb.Tensor(dtype=99, shape=[1], data=b"\0"), "<code 99>"),
-    (pb.Tensor(dtype=pb.FLOAT32, shape=[1, 1], data=b"\0" * 4), "input_ids has dtype FLOAT32; send one of INT32, INT64"),
+    (pb.Tensor(dtype=pb.FLOAT32, shape=[1, 1], data=b"\0" * 4),
+     "input_ids has dtype FLOAT32; send one of INT32, INT64"),
     (pb.Tensor(dtype=pb.INT64, shape=[4], data=b"\0" * 32), "must have 2 dimensions, got shape \\[4\\]"),
 ])
 def test_bad_buffers_name_the_problem(message: pb.Tensor, match: str) -> None:
