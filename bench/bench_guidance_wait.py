@@ -58,8 +58,8 @@ def build_assets(root: Path, seq_len: int) -> dict[str, Path]:
     base = GPT2LMHeadModel(GPT2Config(vocab_size=len(base_tok), n_positions=max(64, seq_len), n_embd=64, n_layer=2,
                                       n_head=2, bos_token_id=base_tok.bos_token_id, eos_token_id=base_tok.eos_token_id))
     surrogate = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(surrogate_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=max(64, seq_len),
+        vocab_size=len(surrogate_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(64, seq_len),
         bos_token_id=surrogate_tok.bos_token_id, eos_token_id=surrogate_tok.eos_token_id))
     paths = {"base": root / "base", "surrogate": root / "surrogate", "data": root / "train.jsonl"}
     for model, tokenizer, path in ((base, base_tok, paths["base"]), (surrogate, surrogate_tok, paths["surrogate"])):
@@ -156,7 +156,7 @@ def main() -> None:
                 "remote, prefetch_depth 0": {"endpoint": address, "prefetch_depth": 0},
                 "remote, prefetch_depth 2": {"endpoint": address, "prefetch_depth": 2},
             }
-            results = {name: run(paths, root / f"run{i}", args, surrogate) for i, (name, surrogate) in enumerate(modes.items())}
+            results = {name: run(paths, root / f"run{i}", args, sur) for i, (name, sur) in enumerate(modes.items())}
         finally:
             server.kill()
             server.wait()

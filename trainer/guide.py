@@ -110,7 +110,8 @@ class Guide:
             with self._count_lock:  # the prefetch threads attach concurrently
                 self.unguided_batches += 1
                 skipped = self.unguided_batches
-            log.warning("surrogate unavailable: training this batch on cross-entropy alone (%d so far): %s", skipped, err)
+            log.warning("surrogate unavailable: training this batch on cross-entropy alone (%d so far): %s",
+                        skipped, err)
             shape = (*batch["labels"].shape, self.k)
             cand_ids = torch.full(shape, -1, dtype=torch.long)
             cand_logprobs = torch.full(shape, float("-inf"), dtype=torch.float32)

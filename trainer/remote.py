@@ -202,21 +202,24 @@ class RemoteSurrogate:
     def info(self) -> pb.InfoResponse:
         """GetInfo of the first server that answers (cached after the first call)."""
         if self._info is None:
-            self._info = self._call("GetInfo", lambda ep, t: ep.stub.GetInfo(pb.InfoRequest(), timeout=t, metadata=self._metadata))
+            self._info = self._call("GetInfo", lambda ep, t: ep.stub.GetInfo(pb.InfoRequest(), **self._opts(t)))
         return self._info
+
+    def _opts(self, seconds: float) -> dict:
+        """Per-call keyword arguments: the deadline and the auth metadata."""
+        return {"timeout": seconds, "metadata": self._metadata}
 
     def vocabulary_spec(self) -> VocabularySpec:
         """The surrogate's vocabulary from the server, checked against the fingerprint GetInfo announces."""
         info = self.info()
-        response = self._call(
-            "GetVocabulary", lambda ep, t: ep.stub.GetVocabulary(pb.VocabularyRequest(), timeout=t, metadata=self._metadata)
-        )
+        request = pb.VocabularyRequest()
+        response = self._call("GetVocabulary", lambda ep, t: ep.stub.GetVocabulary(request, **self._opts(t)))
         spec = VocabularySpec.from_dict(json.loads(response.spec_json))
         fingerprints = {spec.fingerprint(), response.fingerprint, info.vocabulary_fingerprint}
         if len(fingerprints) != 1:
             raise ValueError(
-                f"the surrogate vocabulary from {self.endpoints} is inconsistent (fingerprints {sorted(fingerprints)}): "
-                "all endpoints must serve the same model and tokenizer"
+                f"the surrogate vocabulary from {self.endpoints} is inconsistent (fingerprints "
+                f"{sorted(fingerprints)}): all endpoints must serve the same model and tokenizer"
             )
         log.info(
             "surrogate server %s: model %s, %d-token %s vocabulary, %s on %s",
@@ -282,7 +285,7 @@ class RemoteSurrogate:
         if permitted_id and permitted_id not in ep.registered:
             self._register(ep, mask, permitted_id, deadline)
         try:
-            return ep.stub.TopK(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
+            return ep.stub.TopK(request, **self._opts(deadline - time.monotonic()))
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND or not permitted_id:
                 raise
@@ -292,20 +295,21 @@ class RemoteSurrogate:
             self._window.reregistrations += 1
         log.info("surrogate server %s lost the permitted set (restarted?): registering it again", ep.address)
         self._register(ep, mask, permitted_id, deadline)
-        return ep.stub.TopK(request, timeout=deadline - time.monotonic(), metadata=self._metadata)
+        return ep.stub.TopK(request, **self._opts(deadline - time.monotonic()))
 
     def _register(self, ep: _Endpoint, mask: pb.Tensor, permitted_id: str, deadline: float) -> None:
         """Register the mask on ``ep``, first checking that ``ep`` (new to us, or restarted) serves our surrogate."""
-        info = ep.stub.GetInfo(pb.InfoRequest(), timeout=deadline - time.monotonic(), metadata=self._metadata)
+        info = ep.stub.GetInfo(pb.InfoRequest(), **self._opts(deadline - time.monotonic()))
         expected = self.info()
         if (info.vocabulary_fingerprint, info.vocab_size) != (expected.vocabulary_fingerprint, expected.vocab_size):
             raise ValueError(
-                f"surrogate server {ep.address} serves {info.model_id!r} (vocabulary {info.vocabulary_fingerprint[:12]}, "
-                f"{info.vocab_size} ids), not the {expected.model_id!r} this run aligned with "
-                f"({expected.vocabulary_fingerprint[:12]}, {expected.vocab_size} ids): every endpoint must serve the same surrogate"
+                f"surrogate server {ep.address} serves {info.model_id!r} (vocabulary "
+                f"{info.vocabulary_fingerprint[:12]}, {info.vocab_size} ids), not the {expected.model_id!r} this run "
+                f"aligned with ({expected.vocabulary_fingerprint[:12]}, {expected.vocab_size} ids): every endpoint "
+                "must serve the same surrogate"
             )
         response = ep.stub.RegisterPermitted(
-            pb.RegisterPermittedRequest(mask=mask), timeout=deadline - time.monotonic(), metadata=self._metadata
+            pb.RegisterPermittedRequest(mask=mask), **self._opts(deadline - time.monotonic())
         )
         if response.permitted_id != permitted_id:
             raise RuntimeError(
@@ -370,7 +374,7 @@ class RemoteSurrogate:
         raise SurrogateUnavailable(f"no surrogate server answered {what} within {self.timeout:g}s ({detail})")
 
     def _acquire(self, deadline: float) -> _Endpoint | None:
-        """The endpoint for the next attempt, waiting out backoff if every one is backing off; None past the deadline."""
+        """The endpoint for the next attempt (waiting out backoff if all are backing off); None past the deadline."""
         while True:
             with self._lock:
                 if self._closed:

@@ -17,11 +17,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from surrogate_server.engine import SurrogateEngine
 from trainer.checkpoint import checkpoints
@@ -31,7 +31,6 @@ from trainer.guidance import surrogate_inputs
 from trainer.remote import RemoteSurrogate
 from trainer.train import train
 from trainer.vocab import align_vocabularies
-from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -54,7 +54,8 @@ class FakeSurrogate(pb_grpc.SurrogateServicer):
     def GetInfo(self, request, context):
         self._enter("GetInfo", context)
         return pb.InfoResponse(
-            protocol_version=1, model_id="tiny", vocab_size=self.engine.vocab_size, tokenizer_size=len(self.spec.tokens),
+            protocol_version=1, model_id="tiny", vocab_size=self.engine.vocab_size,
+            tokenizer_size=len(self.spec.tokens),
             tokenizer_family=self.spec.family, vocabulary_fingerprint=self.fingerprint, max_k=64,
             max_tokens_per_request=self.max_tokens, dtype="float32", device="cpu",
         )
@@ -98,7 +99,8 @@ def engine() -> SurrogateEngine:
     tokenizer = train_byte_level_bpe(corpus(("json", "string")), 300)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer) + 4, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.2)
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         initializer_range=0.2)
     return SurrogateEngine(LlamaForCausalLM(config), tokenizer)
 
 
