@@ -1,0 +1,1 @@
+deploy/tpu/setup_tpu_training.sh
