@@ -55,8 +55,9 @@ def build_assets(root: Path, seq_len: int) -> dict[str, Path]:
     texts = [t for t in corpus() if t.strip()]
     base_tok, surrogate_tok = train_byte_level_bpe(texts, 600), train_sentencepiece_bpe(texts, 700)
     torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(base_tok), n_positions=max(64, seq_len), n_embd=64, n_layer=2,
-                                      n_head=2, bos_token_id=base_tok.bos_token_id, eos_token_id=base_tok.eos_token_id))
+    # The base is the larger model, as in real use, so that a server on this machine can keep up with it.
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=len(base_tok), n_positions=max(64, seq_len), n_embd=128, n_layer=4,
+                                      n_head=4, bos_token_id=base_tok.bos_token_id, eos_token_id=base_tok.eos_token_id))
     surrogate = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(surrogate_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(64, seq_len),
@@ -110,7 +111,8 @@ def run(paths: dict[str, Path], out: Path, args: argparse.Namespace, surrogate: 
 
     config = build_config({
         "model": {"name_or_path": str(paths["base"])},
-        "surrogate": {"k": 30, "probability_threshold": 0.0, **(surrogate or {"name_or_path": "unused"})},
+        "surrogate": {"k": 30, "probability_threshold": 0.0, "request_timeout": 10.0,
+                      **(surrogate or {"name_or_path": "unused"})},
         "data": {"train_file": str(paths["data"]), "max_seq_length": args.seq_len, "max_eval_blocks": 1},
         "training": {"output_dir": str(out), "max_steps": args.steps, "per_device_train_batch_size": args.batch_size,
                      "logging_steps": args.window, "save_steps": None, "progress_bar": False, "device": "cpu",

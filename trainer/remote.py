@@ -184,7 +184,7 @@ class RemoteSurrogate:
         self._turn = itertools.count()
         self._window = _Window()
         self._info: pb.InfoResponse | None = None
-        self._closed = False
+        self._closed = threading.Event()
 
     @staticmethod
     def _open(address: str, credentials: grpc.ChannelCredentials | None) -> _Endpoint:
@@ -377,7 +377,7 @@ class RemoteSurrogate:
         """The endpoint for the next attempt (waiting out backoff if all are backing off); None past the deadline."""
         while True:
             with self._lock:
-                if self._closed:
+                if self._closed.is_set():
                     raise RuntimeError("this RemoteSurrogate is closed")
                 now = time.monotonic()
                 if now >= deadline:
@@ -391,7 +391,7 @@ class RemoteSurrogate:
                     ep.outstanding += 1
                     return ep
                 wake = min(e.retry_at for e in self._endpoints)
-            time.sleep(max(0.0, min(wake, deadline) - now))
+            self._closed.wait(max(0.0, min(wake, deadline) - now))  # close() cuts the pause short
 
     def _release(self, ep: _Endpoint, *, ok: bool = False, transient_error: str | None = None) -> None:
         """End an attempt on ``ep``: success resets its backoff, a transient error extends it."""
@@ -438,8 +438,8 @@ class RemoteSurrogate:
         return stats
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
+        """Close the channels; calls still retrying (prefetches nobody will use) end at once with RuntimeError."""
+        self._closed.set()
         for ep in self._endpoints:
             ep.channel.close()
 

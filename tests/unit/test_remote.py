@@ -285,6 +285,19 @@ def test_token_travels_as_bearer_metadata(engine, fake, tmp_path, monkeypatch):
     assert read_token(None) == TOKEN
 
 
+def test_close_ends_calls_that_are_still_retrying(engine):
+    ids, mask, _ = _batch(engine)
+    client = RemoteSurrogate([_dead_address()], timeout=30, backoff=(1.0, 5.0))
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, client.topk, ids, mask, 3)))
+    thread.start()
+    time.sleep(0.3)  # the call has failed once and is waiting out its backoff
+    started = time.monotonic()
+    client.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and time.monotonic() - started < 2 and errors
+
+
 def test_endpoint_must_be_host_port():
     with pytest.raises(ValueError, match="host:port"):
         RemoteSurrogate(["localhost"])
