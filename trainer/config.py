@@ -83,6 +83,7 @@ class SurrogateConfig:
     )
     request_timeout: float = _opt(60.0, "Seconds one guidance request may take, retries included, before on_failure applies.", "surrogate_timeout")
     auth_token_file: str | None = _opt(None, "File holding the server's shared secret (else $SDCE_SURROGATE_TOKEN).", "surrogate_auth_token_file")
+    tls_ca_file: str | None = _opt(None, "CA certificate (PEM) to verify a TLS surrogate server; unset = plaintext.", "surrogate_tls_ca_file")
 
     def __post_init__(self) -> None:
         if self.k < 1:
