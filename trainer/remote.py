@@ -97,7 +97,7 @@ def connect_surrogate(cfg: SurrogateConfig) -> RemoteSurrogate:
     return RemoteSurrogate(
         endpoints,
         token=read_token(cfg.auth_token_file),
-        tls_ca=getattr(cfg, "tls_ca_file", None),
+        tls_ca=cfg.tls_ca_file,
         timeout=cfg.request_timeout,
     )
 
