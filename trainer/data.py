@@ -89,7 +89,8 @@ def _load_named(name: str, config_name: str | None) -> datasets.DatasetDict:
     # datasets turns offline mode and network failures into ConnectionError; a hub file
     # missing from the local cache while offline surfaces as LocalEntryNotFoundError.
     except (ConnectionError, LocalEntryNotFoundError) as err:
-        why = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if datasets.config.HF_HUB_OFFLINE else "it is unreachable"
+        offline = datasets.config.HF_HUB_OFFLINE
+        why = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if offline else "it is unreachable"
         raise ValueError(
             f"dataset {name!r} is not a local directory and the Hugging Face Hub cannot be used: {why} ({err}). "
             "Pass a local dataset directory with --dataset DIR, or local files with --train_file PATH[,PATH] "
@@ -138,7 +139,8 @@ def _split_off_eval(train: datasets.Dataset, ratio: float, seed: int) -> tuple[d
             "add data or pass --eval_file"
         )
     parts = train.train_test_split(test_size=ratio, seed=seed)
-    log.info("no eval split: held out %d of %d rows (eval_split_ratio=%s)", parts["test"].num_rows, train.num_rows, ratio)
+    held_out = parts["test"].num_rows
+    log.info("no eval split: held out %d of %d rows (eval_split_ratio=%s)", held_out, train.num_rows, ratio)
     return parts["train"], parts["test"]
 
 
@@ -165,7 +167,8 @@ def build_lm_datasets(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[da
     eval_tokens, eval_stream = _tokenize(raw["eval"], tokenizer, cfg, eos_id)
     if len(eval_stream) < 2:
         raise ValueError(f"the eval data holds {len(eval_stream)} tokens; it needs at least 2: add eval data")
-    train = _blocks_dataset(*pack_blocks(train_stream, length, keep_tail=False, pad_id=pad_id), "train", [train_tokens, length])
+    inputs, labels = pack_blocks(train_stream, length, keep_tail=False, pad_id=pad_id)
+    train = _blocks_dataset(inputs, labels, "train", [train_tokens, length])
     inputs, labels = pack_blocks(eval_stream, length, keep_tail=True, pad_id=pad_id)
     recipe = [eval_tokens, length, pad_id, cfg.max_eval_blocks]
     evaluation = _blocks_dataset(inputs[: cfg.max_eval_blocks], labels[: cfg.max_eval_blocks], "eval", recipe)
@@ -189,7 +192,8 @@ def _tokenize(split: datasets.Dataset, tokenizer: Any, cfg: DataConfig, eos_id: 
     """The tokenised split's fingerprint and its token stream."""
     # An explicit fingerprint: hashing the tokenizer object itself is not stable across
     # calls, and a stable one lets datasets reuse the cached result on the next run.
-    fingerprint = Hasher.hash([split._fingerprint, tokenizer_fingerprint(tokenizer), cfg.text_column, eos_id, _TOKENIZE_VERSION])
+    recipe = [split._fingerprint, tokenizer_fingerprint(tokenizer), cfg.text_column, eos_id, _TOKENIZE_VERSION]
+    fingerprint = Hasher.hash(recipe)
     tokenized = split.map(
         _tokenize_batch,
         batched=True,
@@ -250,4 +254,5 @@ def _blocks_dataset(inputs: np.ndarray, labels: np.ndarray, split: str, recipe: 
         }
     )
     fingerprint = Hasher.hash([split, *recipe])
-    return datasets.Dataset(datasets.table.InMemoryTable(table), split=datasets.NamedSplit(split), fingerprint=fingerprint)
+    table = datasets.table.InMemoryTable(table)
+    return datasets.Dataset(table, split=datasets.NamedSplit(split), fingerprint=fingerprint)

@@ -41,13 +41,17 @@ from typing import Any, Iterator, Sequence
 
 # The demo never needs the hub; failing fast beats retrying a dead network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# On a CPU shared with other work, OpenMP threads that spin while waiting made training
+# steps 4-5x slower (measured: 2 threads, 2 busy cores); sleeping waiters cost little
+# when the cores are free. Read by the OpenMP runtime when torch loads it, so set first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast  # noqa: E402
 
-from trainer.config import TrainConfig, build_config  # noqa: E402
+from trainer.config import DEVICES, TrainConfig, build_config  # noqa: E402
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("trainer.demo")  # also when run as __main__
 
 ASSET_FORMAT = 1  # bump when the preparation code changes what it writes
 SEED = 42
@@ -208,7 +212,10 @@ def train_sentencepiece_bpe(texts: Sequence[str], vocab_size: int, max_length: i
     learner = Tokenizer(models.BPE(unk_token="<unk>"))
     learner.pre_tokenizer = metaspace
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(BYTE_PIECES), special_tokens=list(SPIECE_SPECIALS), limit_alphabet=150, show_progress=False
+        vocab_size=vocab_size - len(BYTE_PIECES),
+        special_tokens=list(SPIECE_SPECIALS),
+        limit_alphabet=150,
+        show_progress=False,
     )
     learner.train_from_iterator(texts, trainer, length=len(texts))
     learned = json.loads(learner.to_str())["model"]
@@ -216,9 +223,8 @@ def train_sentencepiece_bpe(texts: Sequence[str], vocab_size: int, max_length: i
     known = set(pieces)
     pieces += [p for p, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]) if p not in known]
     merges = [tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge) for merge in learned["merges"]]
-    tokenizer = Tokenizer(
-        models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
-    )
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tokenizer.pre_tokenizer = metaspace
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
@@ -269,7 +275,8 @@ def save_model_dir(path: Path, tokenizer: PreTrainedTokenizerFast, config: Pretr
 def prepare_assets(workdir: Path, spec: AssetSpec) -> DemoAssets:
     """Corpus, tokenizers and model directories under ``workdir``, made once per ``spec``."""
     assets = DemoAssets(Path(workdir) / f"assets-{spec.key()}")
-    if all(path.is_file() for path in (assets.manifest, assets.base_dir / "config.json", assets.surrogate_init_dir / "config.json")):
+    made = (assets.manifest, assets.base_dir / "config.json", assets.surrogate_init_dir / "config.json")
+    if all(path.is_file() for path in made):
         log.info("demo assets: reusing %s", assets.root)
         return assets
     start = time.perf_counter()
@@ -296,7 +303,12 @@ def prepare_assets(workdir: Path, spec: AssetSpec) -> DemoAssets:
     staging.root.rename(assets.root)
     log.info(
         "demo assets: %d documents (%.1f MB of text), vocab %d/%d, made in %.1fs at %s",
-        len(docs), manifest["characters"] / 1e6, len(base_tok), len(surrogate_tok), time.perf_counter() - start, assets.root,
+        len(docs),
+        manifest["characters"] / 1e6,
+        len(base_tok),
+        len(surrogate_tok),
+        time.perf_counter() - start,
+        assets.root,
     )
     return assets
 
@@ -347,7 +359,9 @@ def surrogate_output_dir(assets: DemoAssets, profile: RunProfile) -> Path:
     return assets.root / f"trained-surrogate-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:8]}"
 
 
-def demo_configs(assets: DemoAssets, profile: RunProfile, workdir: Path, device: str = "auto") -> dict[str, TrainConfig]:
+def demo_configs(
+    assets: DemoAssets, profile: RunProfile, workdir: Path, device: str = "auto"
+) -> dict[str, TrainConfig]:
     """The surrogate run and the two base runs (SDCE, standard), in the order they run."""
     surrogate_dir = surrogate_output_dir(assets, profile)
     base = {"model_dir": assets.base_dir, "steps": profile.steps, "device": device}
@@ -357,7 +371,8 @@ def demo_configs(assets: DemoAssets, profile: RunProfile, workdir: Path, device:
             steps=profile.surrogate_steps, loss_type="standard", device=device,
         ),
         "sdce": run_config(
-            assets, profile, output_dir=workdir / "runs" / "sdce", loss_type="surrogate", surrogate_dir=surrogate_dir, **base
+            assets, profile, output_dir=workdir / "runs" / "sdce", loss_type="surrogate",
+            surrogate_dir=surrogate_dir, **base,
         ),
         "standard": run_config(assets, profile, output_dir=workdir / "runs" / "standard", loss_type="standard", **base),
     }
@@ -388,7 +403,8 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
         )
     sdce, standard = results.get("sdce", {}).get("eval_loss"), results.get("standard", {}).get("eval_loss")
     if sdce is not None and standard is not None:
-        lines += ["", f"SDCE - standard eval loss: {sdce - standard:+.4f} ({'SDCE better' if sdce < standard else 'standard better'})"]
+        verdict = "SDCE better" if sdce < standard else "standard better"
+        lines += ["", f"SDCE - standard eval loss: {sdce - standard:+.4f} ({verdict})"]
     return "\n".join(lines)
 
 
@@ -420,15 +436,21 @@ def _trained_surrogate(config: TrainConfig) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.demo",
-        description="Offline SDCE demo: stdlib-docstring corpus, local tokenizers, tiny GPT-2 base and Llama surrogate.",
+        description="Offline SDCE demo: stdlib-docstring corpus, local tokenizers, tiny GPT-2 base, Llama surrogate.",
     )
-    parser.add_argument("--workdir", type=Path, default=Path.cwd() / ".cache" / "sdce-demo", help="Assets, runs and results.md.")
-    parser.add_argument("--steps", type=int, help=f"Optimizer steps of each base run (default {FULL.steps}; quick {QUICK.steps}).")
-    parser.add_argument("--surrogate_steps", type=int, help=f"Steps of the surrogate run (default {FULL.surrogate_steps}).")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path.cwd() / ".cache" / "sdce-demo", help="Assets, runs and results.md."
+    )
+    parser.add_argument(
+        "--steps", type=int, help=f"Optimizer steps of each base run (default {FULL.steps}; quick {QUICK.steps})."
+    )
+    parser.add_argument(
+        "--surrogate_steps", type=int, help=f"Steps of the surrogate run (default {FULL.surrogate_steps})."
+    )
     parser.add_argument("--seq_len", type=int, help=f"Tokens per training block (default {FULL.seq_len}).")
     parser.add_argument("--batch_size", type=int, help=f"Blocks per step (default {FULL.batch_size}).")
     parser.add_argument("--quick", action="store_true", help="Tiny corpus, models and budget: a smoke test in seconds.")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps", "tpu"), help="Training device.")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="Training device.")
     return parser
 
 
@@ -436,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     profile, spec = (QUICK, QUICK_SPEC) if args.quick else (FULL, AssetSpec())
-    overrides = {k: getattr(args, k) for k in ("steps", "surrogate_steps", "seq_len", "batch_size") if getattr(args, k) is not None}
+    names = ("steps", "surrogate_steps", "seq_len", "batch_size")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     profile = dataclasses.replace(profile, **overrides)
     spec = dataclasses.replace(spec, max_positions=max(spec.max_positions, profile.seq_len))
     workdir = args.workdir.resolve()

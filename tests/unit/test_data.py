@@ -211,12 +211,14 @@ def test_packing_matches_the_reference(tmp_path: Path, tokenizer) -> None:
     # the first is a label exactly once.
     rows = evaluation[:]
     labels = rows["labels"][rows["labels"] != -100].tolist()
-    assert tokenizer.decode([rows["input_ids"][0, 0].item()] + labels) == "".join(d + EOT for d in eval_docs if d.strip())
+    expected_text = "".join(doc + EOT for doc in eval_docs if doc.strip())
+    assert tokenizer.decode([rows["input_ids"][0, 0].item()] + labels) == expected_text
 
 
 def test_labels_are_inputs_shifted_by_one(tmp_path: Path, tokenizer) -> None:
     path = write_jsonl(tmp_path / "train.jsonl", DOCS * 4)
-    train, _ = data.build_lm_datasets(DataConfig(train_file=str(path), eval_file=str(path), max_seq_length=5), tokenizer, seed=0)
+    cfg = DataConfig(train_file=str(path), eval_file=str(path), max_seq_length=5)
+    train, _ = data.build_lm_datasets(cfg, tokenizer, seed=0)
     rows = train[:]
     assert torch.equal(rows["input_ids"][:, 1:], rows["labels"][:, :-1])
     assert torch.equal(rows["input_ids"][1:, 0], rows["labels"][:-1, -1])  # windows overlap by one token
@@ -249,8 +251,10 @@ def test_pack_blocks_edges() -> None:
 def test_too_little_data_says_how_many_tokens(tmp_path: Path, tokenizer) -> None:
     short = write_jsonl(tmp_path / "short.jsonl", ["fox"])
     n = len(reference_stream(tokenizer, ["fox"]))
-    with pytest.raises(ValueError, match=rf"holds {n} tokens.*max_seq_length=64.*lower --max_seq_length or add more data"):
-        data.build_lm_datasets(DataConfig(train_file=str(short), eval_file=str(short), max_seq_length=64), tokenizer, seed=0)
+    cfg = DataConfig(train_file=str(short), eval_file=str(short), max_seq_length=64)
+    message = rf"holds {n} tokens.*max_seq_length=64.*lower --max_seq_length or add more data"
+    with pytest.raises(ValueError, match=message):
+        data.build_lm_datasets(cfg, tokenizer, seed=0)
     blank = write_jsonl(tmp_path / "blank.jsonl", ["", "  ", "\n"])
     with pytest.raises(ValueError, match="holds 0 tokens"):
         data.build_lm_datasets(DataConfig(train_file=str(blank), eval_file=str(short)), tokenizer, seed=0)
@@ -283,6 +287,7 @@ def test_vocabulary_beyond_uint16(tmp_path: Path) -> None:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     big = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w69999")
     path = write_jsonl(tmp_path / "train.jsonl", ["w65535 w65536 w3 w69998"] * 3)
-    train, _ = data.build_lm_datasets(DataConfig(train_file=str(path), eval_file=str(path), max_seq_length=4), big, seed=0)
+    cfg = DataConfig(train_file=str(path), eval_file=str(path), max_seq_length=4)
+    train, _ = data.build_lm_datasets(cfg, big, seed=0)
     assert train[0]["input_ids"].tolist() == [65535, 65536, 3, 69998]
     assert train[0]["labels"].tolist() == [65536, 3, 69998, 69999]

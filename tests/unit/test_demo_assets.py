@@ -74,7 +74,8 @@ def test_second_prepare_reuses_the_assets(assets: demo.DemoAssets, monkeypatch: 
 
 
 def test_model_dirs_load_offline(assets: demo.DemoAssets) -> None:
-    base_config, surrogate_config = AutoConfig.from_pretrained(assets.base_dir), AutoConfig.from_pretrained(assets.surrogate_init_dir)
+    base_config = AutoConfig.from_pretrained(assets.base_dir)
+    surrogate_config = AutoConfig.from_pretrained(assets.surrogate_init_dir)
     assert (base_config.model_type, surrogate_config.model_type) == ("gpt2", "llama")
     assert base_config.n_embd == SPEC.base_width and surrogate_config.hidden_size == SPEC.surrogate_width
     for path, config in ((assets.base_dir, base_config), (assets.surrogate_init_dir, surrogate_config)):
@@ -129,9 +130,8 @@ def test_run_configs(assets: demo.DemoAssets, tmp_path: Path) -> None:
 
 def test_results_table() -> None:
     row = {"loss_type": "standard", "eval_loss": 3.5, "perplexity": 33.12, "steps": 10, "wall_seconds": 12.3}
-    table = demo.results_table(
-        {"surrogate": {**row, "cached": True}, "sdce": {**row, "loss_type": "surrogate", "eval_loss": 3.25}, "standard": row}
-    )
+    sdce = {**row, "loss_type": "surrogate", "eval_loss": 3.25}
+    table = demo.results_table({"surrogate": {**row, "cached": True}, "sdce": sdce, "standard": row})
     assert "| base + SDCE | surrogate | 3.2500 | 33.12 | 10 | 12 s |" in table
     assert "12 s (cached)" in table and "SDCE - standard eval loss: -0.2500 (SDCE better)" in table
     assert "n/a" in demo.results_table({"sdce": {**row, "eval_loss": None, "perplexity": None}})
