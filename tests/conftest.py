@@ -17,3 +17,5 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ[key] = value
+# On shared CPUs, OpenMP threads spinning while they wait slow torch down several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
