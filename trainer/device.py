@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,9 @@ class Backend:
         if self.distributed:
             dist.barrier()
 
+    def reduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Average gradients over ranks before clipping; DDP already did it during backward."""
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
         scaler.step(optimizer)
         scaler.update()
@@ -101,6 +104,30 @@ class Backend:
         """torch.save, from a device whose tensors may need moving to the host first."""
         torch.save(obj, path)
 
+    def step_scalar(self, value: float) -> float | torch.Tensor:
+        """A per-step value (the surrogate weight) as the step's graph should see it."""
+        return value
+
+    def dataloader_workers(self, requested: int) -> int:
+        """DataLoader worker processes to use for ``requested`` (XLA caps them)."""
+        return requested
+
+    def device_loader(self, batches: Iterable[dict[str, torch.Tensor]]) -> Iterable[dict[str, torch.Tensor]]:
+        """The batches, moved to the device ahead of use where the backend overlaps that (XLA)."""
+        return batches
+
+    def step_metrics(self) -> dict[str, float]:
+        """Backend counters for the logged metrics (XLA: graph compilations)."""
+        return {}
+
+    def surrogate_host(self) -> "Backend":
+        """The backend an in-process surrogate is loaded onto first."""
+        return self
+
+    def place_guide(self, guide: Any, sample_ids: torch.Tensor, min_coverage: float) -> Any:
+        """Move a guide's in-process surrogate to this device (XLA validates it first)."""
+        return guide
+
     def shutdown(self) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -121,6 +148,16 @@ def _torchrun_env() -> tuple[int, int, int]:
         int(os.environ.get("WORLD_SIZE", 1)),
         int(os.environ.get("LOCAL_RANK", 0)),
     )
+
+
+def launch(cfg: TrainingConfig, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in the processes the device needs: this one (torchrun starts its own),
+    or one per TPU chip (``--device tpu``). Returns fn's result where it ran in this process."""
+    if cfg.device == "tpu":
+        from trainer.xla import launch as xla_launch
+
+        return xla_launch(cfg, fn, *args)
+    return fn(*args)
 
 
 def init_backend(cfg: TrainingConfig) -> Backend:

@@ -22,7 +22,7 @@ from transformers import get_cosine_schedule_with_warmup, set_seed
 from trainer.checkpoint import Progress, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import build_lm_datasets
-from trainer.device import Backend, init_backend, main_process_first
+from trainer.device import Backend, init_backend, launch, main_process_first
 from trainer.guide import Batch, Guide, SurrogateUnavailable, guided_batches
 from trainer.losses import sdce_loss
 from trainer.models import build_guide, load_base_model, load_tokenizer
@@ -76,7 +76,8 @@ class Trainer:
         with main_process_first(backend):
             self.train_set, self.eval_set = build_lm_datasets(config.data, self.tokenizer, seed=cfg.seed)
         self.model = load_base_model(config.model, self.tokenizer, backend, weights_from=self.resume_from)
-        self.guide: Guide | None = build_guide(config, self.tokenizer, backend, self._text_sample())
+        guide = build_guide(config, self.tokenizer, backend.surrogate_host(), self._text_sample())
+        self.guide: Guide | None = backend.place_guide(guide, self.train_set[:2]["input_ids"], config.surrogate.min_coverage)
         self.ddp_model = backend.wrap_model(self.model)
         self.plan = StepPlan.make(len(self._loader(epoch=0)), cfg)
         self.optimizer = self._optimizer()
@@ -157,7 +158,7 @@ class Trainer:
             batch_size=batch_size or cfg.per_device_train_batch_size,
             sampler=sampler,
             drop_last=shuffle,
-            num_workers=self.config.data.num_workers,
+            num_workers=self.backend.dataloader_workers(self.config.data.num_workers),
             pin_memory=self.backend.kind == "cuda",
         )
 
@@ -170,6 +171,15 @@ class Trainer:
             yield from itertools.islice(loader, skip, per_epoch)
             epoch, skip = epoch + 1, 0
 
+    def _batches(self) -> Iterator[Batch]:
+        """Guided micro-batches; on XLA they reach the device through the backend's device loader."""
+        micro = self._micro_batches()
+        if self.guide is not None and not self.config.surrogate.endpoint:
+            # An in-process surrogate lives on the device: guide device batches, in this thread.
+            return guided_batches(self.backend.device_loader(micro), self.guide)
+        depth = self.config.surrogate.prefetch_depth if self.config.surrogate.endpoint else 0
+        return self.backend.device_loader(guided_batches(micro, self.guide, depth))
+
     def _advance(self, micro_batches: int) -> None:
         per_epoch = self.plan.steps_per_epoch * self.config.training.gradient_accumulation_steps
         position = self.progress.micro_batch + micro_batches
@@ -180,8 +190,8 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.config.training
         start = time.perf_counter()
-        batches = guided_batches(self._micro_batches(), self.guide, self.config.surrogate.prefetch_depth if self.config.surrogate.endpoint else 0)
-        window = MetricWindow(self.backend.device)
+        batches = self._batches()
+        window = MetricWindow(self.backend)
         history: list[dict[str, float]] = []
         bar = tqdm(
             total=self.plan.total_steps, initial=self.progress.step, disable=not (self.backend.is_main and cfg.progress_bar),
@@ -201,7 +211,9 @@ class Trainer:
             bar.update(1)
             step = self.progress.step
             if step % cfg.logging_steps == 0 or step == self.plan.total_steps:
-                record = window.flush(lr=self.scheduler.get_last_lr()[0], epoch=self._epoch_float(), **self._guide_stats())
+                record = window.flush(
+                    lr=self.scheduler.get_last_lr()[0], epoch=self._epoch_float(), **self._guide_stats(), **self.backend.step_metrics()
+                )
                 history.append({"step": step, **record})
                 self.tracker.log(record, step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -224,11 +236,12 @@ class Trainer:
         """One optimizer step over ``micro`` (gradient accumulation with the global label count)."""
         cfg = self.config.training
         backend = self.backend
-        lam = surrogate_weight(
+        lam = backend.step_scalar(surrogate_weight(
             self.progress.step, self.plan.total_steps, self.config.surrogate.loss_weight_initial, self.config.surrogate.loss_weight_final
-        )
-        local_labels = sum(int((b["labels"] != -100).sum()) for b in micro)
-        num_labels = backend.all_reduce_sum(torch.tensor(float(local_labels), device=backend.device))
+        ))
+        # A tensor where the batches are (on XLA: the device), so counting never syncs with the host.
+        local_labels = sum((b["labels"] != -100).sum() for b in micro)
+        num_labels = backend.all_reduce_sum(local_labels.to(backend.device, torch.float32))
         for i, batch in enumerate(micro):
             with backend.no_sync(self.ddp_model, last_micro_batch=i == len(micro) - 1), backend.autocast():
                 batch = {k: v.to(backend.device, non_blocking=True) for k, v in batch.items()}
@@ -246,6 +259,7 @@ class Trainer:
             # DDP averages gradients over ranks; the loss is already a share of the global sum.
             self.scaler.scale(loss * backend.world_size).backward()
             window.add(loss.detach(), parts, tokens=batch["input_ids"].numel() * backend.world_size)
+        backend.reduce_gradients(self.optimizer)
         self.scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -326,10 +340,13 @@ class Trainer:
 
 
 class MetricWindow:
-    """Running sums of step metrics on the device; read back (one host sync) only at logging steps."""
+    """Running sums of step metrics on the device; summed over ranks and read back (one host sync) only at logging steps."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    AVERAGED = ("grad_norm", "lambda")  # equal on every rank: the rank sum is divided back
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.device = backend.device
         self._reset()
 
     def _reset(self) -> None:
@@ -354,14 +371,19 @@ class MetricWindow:
         """Time the loop spent blocked on the next micro-batches (data + guidance)."""
         self.wait_seconds += seconds
 
-    def end_step(self, grad_norm: torch.Tensor, lam: float, local_labels: int) -> None:
+    def end_step(self, grad_norm: torch.Tensor, lam: float | torch.Tensor, local_labels: torch.Tensor | int) -> None:
         self._add("grad_norm", grad_norm)
         self._add("lambda", lam)
         self._add("labels", local_labels)
         self.steps += 1
 
     def flush(self, **extra: float) -> dict[str, float]:
-        values = {k: v.item() for k, v in self.sums.items()}
+        """The window's averages over its steps and over all ranks (every rank must call this)."""
+        names = sorted(self.sums)
+        totals = self.backend.all_reduce_sum(torch.stack([self.sums[name] for name in names])).tolist()
+        values = dict(zip(names, totals))
+        for name in self.AVERAGED:
+            values[name] /= self.backend.world_size
         elapsed = time.perf_counter() - self.started
         steps = max(self.steps, 1)
         record = {
@@ -381,10 +403,24 @@ class MetricWindow:
         return record
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Run one training job end to end; returns the final evaluation."""
+def train(config: TrainConfig) -> TrainResult | None:
+    """Run one training job end to end; returns the final evaluation.
+
+    With --device tpu on several chips the job runs in processes started here
+    (one per chip) and this returns None; metrics.jsonl holds the results.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return launch(config.training, _train_process, config)
+
+
+def _train_process(config: TrainConfig) -> TrainResult:
+    """One training process: torchrun's, a TPU chip's, or the only one."""
     backend = init_backend(config.training)
+    # One copy of the log, from rank 0. "trainer" gets its level too: a library imported
+    # before train() (transformers imports torch_xla) may have configured the root logger.
+    logging.getLogger("trainer").setLevel(logging.INFO if backend.is_main else logging.WARNING)
+    if not backend.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         return Trainer(config, backend).train()
     finally:

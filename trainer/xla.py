@@ -240,21 +240,49 @@ class XlaBackend(Backend):
     def save(self, obj: object, path: str | os.PathLike) -> None:
         torch.save(to_host(obj), path)
 
+    def step_scalar(self, value: float) -> torch.Tensor:
+        """The value as its own device data, so every step's graph is the same whatever the value.
+
+        A Python float would be a graph constant when XLA deems it special (0, 1) and a
+        scalar made on the device a scalar op. A copied scalar goes through torch_xla's
+        device-data cache, which hands equal values the same buffer: when the cosine
+        schedule passes 0.5, lambda would share GELU's 0.5 and the graph lose an input
+        (a recompilation). So this one copy bypasses the cache.
+        """
+        import torch_xla
+
+        cached = torch_xla._XLAC._get_xla_enable_device_data_cache()
+        torch_xla._XLAC._set_xla_enable_device_data_cache(False)
+        try:
+            return torch.tensor(value, dtype=torch.float32).to(self.device)
+        finally:
+            torch_xla._XLAC._set_xla_enable_device_data_cache(cached)
+
     def dataloader_workers(self, requested: int) -> int:
         return dataloader_workers(requested)
 
     def device_loader(self, batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches on the device, uploaded by background threads while the previous step runs."""
+        """Batches on the device, copied by ParallelLoader's threads while earlier steps run.
+
+        Read with ``next_item`` rather than ``per_device_loader``, which syncs before every
+        batch that no step boundary preceded (each extra micro-batch of a step) and drops
+        errors raised while producing batches; here they reach the trainer in order.
+        """
         import torch_xla.distributed.parallel_loader as pl
 
-        loader = pl.ParallelLoader(batches, [self.device], loader_prefetch_size=4, device_prefetch_size=2)
+        errors: list[BaseException] = []
+        source = _capture_errors(batches, errors)
+        loader = pl.ParallelLoader(source, [self.device], loader_prefetch_size=4, device_prefetch_size=2)
         try:
-            yield from loader.per_device_loader(self.device)
+            while (batch := loader.next_item(self.device)) is not None:
+                yield batch
+            if not loader._exception_queue.empty():  # a failed host-to-device copy
+                raise loader._exception_queue.get()
+            if errors:
+                raise errors[0]
         finally:
             loader.close()
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
+            source.close()
 
     def step_metrics(self) -> dict[str, float]:
         """torch_xla's counts so far: graph compilations (flat after warm-up, else something
@@ -278,6 +306,14 @@ class XlaBackend(Backend):
             return guide  # remote surrogate: guidance arrives as CPU tensors through device_loader
         guide.source = validate_and_move_surrogate(guide, sample_ids, self.device, min_coverage=min_coverage)
         return guide
+
+
+def _capture_errors(batches: Iterable[Any], errors: list[BaseException]) -> Iterator[Any]:
+    """``batches``, ending early with the error (kept in ``errors``) where producing one fails."""
+    try:
+        yield from batches
+    except Exception as err:  # e.g. SurrogateUnavailable from remote guidance, raised in the loader thread
+        errors.append(err)
 
 
 def retie(model: torch.nn.Module) -> torch.nn.Module:
@@ -305,6 +341,56 @@ def to_host(obj: Any) -> Any:
 
 
 # -- in-process surrogate on the TPU --------------------------------------------------------
+class _BoolMaskDecoder(torch.nn.Module):
+    """Gives the decoder a ready [B, 1, T, T] boolean mask, built on the device.
+
+    With a 2-D mask transformers checks on the host whether it is all ones (a device
+    read mid-step on XLA, and a different graph when it is). A position with no key to
+    attend to attends to itself, so its output stays finite (the engine blanks it) and
+    no NaN reaches other positions through its keys and values.
+    """
+
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
+        length = input_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        itself = torch.eye(length, dtype=torch.bool, device=input_ids.device)
+        allowed = causal & attention_mask.bool()[:, None, None, :]
+        mask = allowed | (itself & ~allowed.any(-1, keepdim=True))
+        return self.decoder(input_ids=input_ids, attention_mask=mask, **kwargs)
+
+
+def _xla_engine_class() -> type:
+    from surrogate_server.engine import SurrogateEngine
+
+    class XlaSurrogateEngine(SurrogateEngine):
+        """The engine on an XLA device, with nothing in ``topk`` that reads the device:
+        torch.no_grad instead of inference_mode (lazy tensors cannot be inference
+        tensors), only the static argument checks, a device-built attention mask."""
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._decoder = _BoolMaskDecoder(self._decoder)
+
+        def _topk(self, *args: Any, **kwargs: Any) -> Any:
+            with torch.no_grad():
+                return SurrogateEngine._topk.__wrapped__(self, *args, **kwargs)
+
+        def _validate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, permitted: Any) -> None:
+            # Ids and mask values come from trainer.guidance.surrogate_inputs, in range by construction.
+            if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape or k < 1:
+                raise ValueError(f"input_ids and attention_mask must be [B, T] and k >= 1, got "
+                                 f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, k={k}")
+
+        def _check_logits_match_model(self) -> None:
+            """Done on the CPU at load; validate_and_move_surrogate compares the XLA output with the CPU's."""
+
+    return XlaSurrogateEngine
+
+
 def validate_and_move_surrogate(
     guide: Any, sample_ids: torch.Tensor, device: torch.device, *, min_coverage: float, atol: float | None = None
 ) -> Any:
@@ -315,7 +401,6 @@ def validate_and_move_surrogate(
     short test forward on ``sample_ids`` [B, T] (base ids) agree on both devices.
     Returns the engine on ``device``.
     """
-    from surrogate_server.engine import SurrogateEngine
     from trainer.guidance import surrogate_inputs
 
     engine = guide.source
@@ -329,7 +414,7 @@ def validate_and_move_surrogate(
     s_ids, s_mask = surrogate_inputs(sample_ids, guide.alignment, guide.placeholder)
     k = guide.request_k
     expected = engine.topk(s_ids, s_mask, k, guide.alignment.permitted)
-    moved = SurrogateEngine(retie(engine.model.to(device)), engine.tokenizer, chunk_tokens=engine.chunk_tokens)
+    moved = _xla_engine_class()(retie(engine.model.to(device)), engine.tokenizer, chunk_tokens=engine.chunk_tokens)
     got = moved.topk(s_ids, s_mask, k, guide.alignment.permitted)
     got_logprobs = got.logprobs.cpu()
     tolerance = atol if atol is not None else (5e-2 if moved.dtype == torch.bfloat16 else 1e-3)
