@@ -35,8 +35,10 @@ pip --no-deps torch==2.9.0 torch_xla==2.9.0
 # 2. Their pure-Python dependencies (torch: filelock ... fsspec; torch_xla: absl-py ... requests).
 pip filelock "typing-extensions>=4.10" "sympy>=1.13.3" "networkx>=2.5.1" jinja2 "fsspec>=0.8.5" \
     "absl-py>=1.0" numpy pyyaml requests
-# 3. What the trainer and its tests import (none of these depends on torch).
+# 3. What the trainer, the surrogate server and the tests import (none of these depends on torch).
 pip "transformers==5.23.0" "tokenizers==0.23.3" "datasets==5.2.0" "safetensors==0.8.0" "tqdm>=4.66" \
+    "grpcio==1.85.1" "grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1" "protobuf==7.36.2" \
+    "fastapi==0.165.0" "uvicorn==0.54.0" "msgpack==1.2.4" "prometheus-client==0.26.0" \
     "pytest==9.2.0" "pytest-timeout==2.4.0"
 # 4. The CUDA stand-ins, preloaded by a .pth file.
 "$VENV/bin/python" scripts/xla_cuda_stubs.py "$VENV"

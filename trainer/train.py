@@ -211,9 +211,8 @@ class Trainer:
             bar.update(1)
             step = self.progress.step
             if step % cfg.logging_steps == 0 or step == self.plan.total_steps:
-                record = window.flush(
-                    lr=self.scheduler.get_last_lr()[0], epoch=self._epoch_float(), **self._guide_stats(), **self.backend.step_metrics()
-                )
+                record = window.flush(lr=self.scheduler.get_last_lr()[0], epoch=self._epoch_float(), **self._guide_stats())
+                record.update(self.backend.step_metrics())  # after the flush: its own graph counts too
                 history.append({"step": step, **record})
                 self.tracker.log(record, step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")

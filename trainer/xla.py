@@ -178,7 +178,7 @@ def _tensorcores_per_device(topology: TpuTopology) -> int:
         return 1
     from torch_xla._internal import tpu
 
-    with contextlib.suppress(Exception):  # metadata server unreachable: only the error message loses detail
+    with contextlib.suppress(Exception):  # no metadata server: megacore core counts go unrecognised
         return 2 if tpu.get_tpu_type() in ("v4", "v5p") else 1
     return 1
 

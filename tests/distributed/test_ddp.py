@@ -73,9 +73,9 @@ def one_process(make_config, out: Path, batch: int, **surrogate) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_ranks(base_dir, surrogate_dir, train_file, tmp_path_factory):
-    """2 ranks x batch 2, in-process surrogate: 4 steps, checkpoints at 2 and 4."""
+    """2 ranks x batch 2, in-process surrogate, wandb on: 4 steps, checkpoints at 2 and 4."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    done = torchrun(_flags(base_dir, surrogate_dir, train_file, out, batch=2))
+    done = torchrun(_flags(base_dir, surrogate_dir, train_file, out, batch=2, extra=["--wandb_project", "sdce-ddp"]))
     return out, done
 
 
@@ -94,6 +94,7 @@ def test_rank_zero_alone_logs_and_writes(two_ranks):
     assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     assert sorted(p.name for p in (out / "checkpoint-2").glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
     assert (out / "model.safetensors").is_file()
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1  # WANDB_MODE=offline (tests/conftest.py)
     assert records(out)[0]["tokens_per_s"] > 0
 
 

@@ -2,7 +2,9 @@
 recompilation or host reads inside steps, cross-device checkpoints, the surrogate check."""
 
 import dataclasses
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +65,46 @@ def test_steps_do_not_read_device_values(make_config, tmp_path, loss_type):
         return history[-1]["xla_transfers_to_host"] - history[-2]["xla_transfers_to_host"]
 
     assert per_log(sparse.history) == per_log(every.history) <= 2, (every.history, sparse.history)
+
+
+@pytest.fixture
+def surrogate_server(surrogate_dir):
+    """``python -m surrogate_server`` on loopback (CPU), free ports; yields its gRPC address."""
+    cmd = [sys.executable, "-m", "surrogate_server", "--model", str(surrogate_dir), "--port", "0", "--http_port", "0",
+           "--device", "cpu", "--log_level", "WARNING"]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={k: v for k, v in os.environ.items() if k != "PJRT_DEVICE"})
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("ready grpc="), f"surrogate server did not start (exit {server.poll()})"
+        yield line.split()[1].removeprefix("grpc=")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_remote_guidance_arrives_through_the_device_loader(make_config, tmp_path, surrogate_server):
+    """The recommended TPU set-up: guidance from a server, attached on the host, uploaded with its batch.
+    Same losses as the CPU path, no recompilation, no device reads inside steps."""
+    common = {"loss_type": "surrogate", "gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}
+    surrogate = {"endpoint": surrogate_server, "name_or_path": None}
+    cpu = train(make_config({"training": {**common, "device": "cpu", "max_steps": 4}, "surrogate": surrogate}, tmp_path / "cpu"))
+    every = train(make_config({"training": {**common, "device": "tpu", "max_steps": 4}, "surrogate": surrogate}, tmp_path / "a"))
+    sparse = train(make_config(
+        {"training": {**common, "device": "tpu", "max_steps": 8, "logging_steps": 4}, "surrogate": surrogate}, tmp_path / "b"
+    ))
+    for a, b in zip(cpu.history, every.history):
+        _close(a, b)
+    assert all(h["guided_share"] > 0 and h["unguided_batches"] == 0 for h in every.history)
+    compiles = [h["xla_compiles"] for h in every.history]
+    assert compiles[1:] == [compiles[1]] * 3, compiles
+    assert sparse.history[-1]["xla_compiles"] == sparse.history[0]["xla_compiles"]  # steps 5-8: nothing new
+    per_log = [h[-1]["xla_transfers_to_host"] - h[-2]["xla_transfers_to_host"] for h in (every.history, sparse.history)]
+    assert per_log[0] == per_log[1] <= 2, per_log
 
 
 def test_checkpoints_move_between_xla_and_cpu(make_config, tmp_path):
