@@ -1,12 +1,15 @@
 # Set-up and entry points. Every target creates the virtual environment first if needed.
 #   make demo   the offline SDCE demo (no network, ~10 min on 2 CPU cores)
 #   make test   the test suite
+#   make xla-test  the XLA lane (torch_xla on the CPU; CI runs it too)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+XLA_VENV ?= .venv-xla
+
+.PHONY: demo test xla-env xla-test clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,5 +24,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The XLA lane: torch/torch_xla 2.9.0 on the CPU in their own environment (scripts/setup_xla_env.sh).
+xla-env:
+	XLA_VENV=$(XLA_VENV) bash scripts/setup_xla_env.sh
+
+xla-test: xla-env
+	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest tests/xla $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .cache outputs
+	rm -rf $(VENV) $(XLA_VENV) .cache outputs

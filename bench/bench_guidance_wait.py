@@ -83,27 +83,6 @@ def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the surrogate server exited with {proc.wait()} before it was ready")
 
 
-def log_guidance_wait() -> None:
-    """Add ``guidance_wait_s`` (time blocked on guidance alone, ``Guide.wait_seconds``) to each logged window.
-
-    The trainer logs ``input_wait_share`` (data and guidance together); this separates
-    guidance out until the trainer logs it itself.
-    """
-    from trainer.train import Trainer
-
-    original = Trainer._guide_stats
-
-    def guide_stats(self: Trainer) -> dict[str, float]:
-        stats = original(self)
-        if self.guide is not None:
-            previous = getattr(self, "_bench_waited", 0.0)
-            self._bench_waited = self.guide.wait_seconds
-            stats["guidance_wait_s"] = self.guide.wait_seconds - previous
-        return stats
-
-    Trainer._guide_stats = guide_stats
-
-
 def run(paths: dict[str, Path], out: Path, args: argparse.Namespace, surrogate: dict | None) -> dict[str, float]:
     """One training run (``surrogate`` None: standard training); medians of its logged windows after the first."""
     from trainer.config import build_config
@@ -125,9 +104,8 @@ def run(paths: dict[str, Path], out: Path, args: argparse.Namespace, surrogate: 
         "input_wait_share": statistics.median(w["input_wait_share"] for w in windows),
         "step_ms": 1e3 * tokens_per_step / statistics.median(w["tokens_per_s"] for w in windows),
     }
-    if "guidance_wait_s" in windows[-1]:
-        window_s = [args.window * tokens_per_step / w["tokens_per_s"] for w in windows]
-        summary["guidance_wait_share"] = statistics.median(w["guidance_wait_s"] / t for w, t in zip(windows, window_s))
+    if surrogate:
+        summary["guidance_wait_share"] = statistics.median(w["guidance_wait_share"] for w in windows)
     for key in ("guidance_latency_ms_p50", "guidance_bytes_per_token", "unguided_batches"):
         if key in windows[-1]:
             summary[key] = statistics.median(w[key] for w in windows)
@@ -145,7 +123,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    log_guidance_wait()
 
     with tempfile.TemporaryDirectory(prefix="bench_guidance_wait_") as tmp:
         root = Path(tmp)

@@ -191,7 +191,7 @@ class Trainer:
         cfg = self.config.training
         start = time.perf_counter()
         batches = self._batches()
-        window = MetricWindow(self.backend)
+        window = MetricWindow(self.backend, z_loss=cfg.z_loss_multiplier > 0)
         history: list[dict[str, float]] = []
         bar = tqdm(
             total=self.plan.total_steps, initial=self.progress.step, disable=not (self.backend.is_main and cfg.progress_bar),
@@ -199,12 +199,12 @@ class Trainer:
         )
         self.ddp_model.train()
         while self.progress.step < self.plan.total_steps:
-            waited = time.perf_counter()
+            waited, guidance_waited = time.perf_counter(), self._guidance_wait()
             try:
                 micro = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
             except SurrogateUnavailable as err:
                 self._stop_on_surrogate_failure(err)
-            window.waited(time.perf_counter() - waited)
+            window.waited(time.perf_counter() - waited, self._guidance_wait() - guidance_waited)
             self.train_step(micro, window)
             self.progress.step += 1
             self._advance(len(micro))
@@ -222,6 +222,7 @@ class Trainer:
                 self._save_checkpoint()
         bar.close()
         batches.close()
+        self._close_guide()
         eval_metrics = self._evaluate_and_log(self.progress.step)
         self._save_final()
         wall = time.perf_counter() - start
@@ -271,6 +272,15 @@ class Trainer:
         window.end_step(grad_norm.detach(), lam, local_labels)
         self.progress.tokens_seen += sum(b["input_ids"].numel() for b in micro) * backend.world_size
 
+    def _guidance_wait(self) -> float:
+        """Seconds the loop has spent blocked on guidance alone (not data), cumulative."""
+        return self.guide.wait_seconds if self.guide is not None else 0.0
+
+    def _close_guide(self) -> None:
+        """Let a remote source cancel requests still retrying (prefetches past the last step)."""
+        if self.guide is not None and hasattr(self.guide.source, "close"):
+            self.guide.source.close()
+
     def _guide_stats(self) -> dict[str, float]:
         if self.guide is None:
             return {}
@@ -280,6 +290,7 @@ class Trainer:
 
     def _stop_on_surrogate_failure(self, err: Exception) -> None:
         """surrogate.on_failure=fail: checkpoint the last complete step, then stop with a clear message."""
+        self._close_guide()
         path = self._save_checkpoint()
         raise SurrogateUnavailable(
             f"the surrogate stayed unreachable ({err}); saved {path} — start the server again and rerun with "
@@ -343,8 +354,9 @@ class MetricWindow:
 
     AVERAGED = ("grad_norm", "lambda")  # equal on every rank: the rank sum is divided back
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, z_loss: bool = False):
         self.backend = backend
+        self.parts = ("ce", "aux", "guided_positions") + (("z_loss",) if z_loss else ())
         self.device = backend.device
         self._reset()
 
@@ -353,6 +365,7 @@ class MetricWindow:
         self.steps = 0
         self.tokens = 0
         self.wait_seconds = 0.0
+        self.guidance_wait_seconds = 0.0
         self.started = time.perf_counter()
 
     def _add(self, name: str, value: torch.Tensor | float) -> None:
@@ -361,14 +374,15 @@ class MetricWindow:
 
     def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], tokens: int) -> None:
         self._add("loss", loss)
-        for name in ("ce", "aux", "z_loss", "guided_positions"):
+        for name in self.parts:
             if name in parts:
                 self._add(name, parts[name])
         self.tokens += tokens
 
-    def waited(self, seconds: float) -> None:
-        """Time the loop spent blocked on the next micro-batches (data + guidance)."""
+    def waited(self, seconds: float, on_guidance: float) -> None:
+        """Time the loop spent blocked on the next micro-batches (data + guidance), and on guidance alone."""
         self.wait_seconds += seconds
+        self.guidance_wait_seconds += on_guidance
 
     def end_step(self, grad_norm: torch.Tensor, lam: float | torch.Tensor, local_labels: torch.Tensor | int) -> None:
         self._add("grad_norm", grad_norm)
@@ -394,6 +408,7 @@ class MetricWindow:
             "guided_share": values.get("guided_positions", 0.0) / max(values["labels"], 1.0),
             "tokens_per_s": self.tokens / max(elapsed, 1e-9),
             "input_wait_share": self.wait_seconds / max(elapsed, 1e-9),
+            "guidance_wait_share": self.guidance_wait_seconds / max(elapsed, 1e-9),
             **extra,
         }
         if "z_loss" in values:

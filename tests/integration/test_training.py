@@ -79,7 +79,11 @@ def test_command_line_run_writes_model_config_metrics_and_wandb(base_dir, surrog
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert "loss_type: surrogate" in (out / "config.yaml").read_text()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "ce", "surrogate_term", "lambda", "lr", "grad_norm", "tokens_per_s", "guided_share"} <= set(records[0])
+    assert {
+        "loss", "ce", "surrogate_term", "lambda", "lr", "grad_norm", "tokens_per_s", "guided_share", "input_wait_share",
+        "guidance_wait_share", "unguided_batches",
+    } <= set(records[0])
+    assert "z_loss" not in records[0]  # only logged when z_loss_multiplier > 0
     assert any("eval_perplexity" in r for r in records)
     assert [p.name for p in checkpoints(out)] == ["checkpoint-4"]
     assert list((out / "wandb").glob("offline-run-*")), "wandb offline run missing"

@@ -47,14 +47,8 @@ def test_xla_trains_like_the_cpu_without_recompiling(make_config, tmp_path, loss
     assert compiles[1:] == [compiles[1]] * 5, compiles
 
 
-ENGINE_ISPOSINF = pytest.mark.xfail(
-    strict=True,
-    reason="surrogate_server.engine._empty_where_invalid uses torch.isposinf, which torch_xla 2.9 runs on the CPU "
-    "(aten::isposinf fallback): one device read per guided micro-batch until it compares with inf instead",
-)
 
-
-@pytest.mark.parametrize("loss_type", ["standard", pytest.param("surrogate", marks=ENGINE_ISPOSINF)])
+@pytest.mark.parametrize("loss_type", ["standard", "surrogate"])
 def test_steps_do_not_read_device_values(make_config, tmp_path, loss_type):
     """Device-to-host transfers happen at logging steps only: 4 steps between logs cost what 1 step does."""
     common = {"device": "tpu", "loss_type": loss_type}
