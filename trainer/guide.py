@@ -86,9 +86,10 @@ class Guide:
         return self._on_device[device]
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids, labels [B,T] (CPU) -> cand_ids [B,T,k] long, cand_logprobs [B,T,k] float32 (source's device)."""
-        s_ids, s_mask = surrogate_inputs(input_ids, self.alignment, self.placeholder)
-        top = self.source.topk(s_ids, s_mask, self.request_k, self.alignment.permitted, self.logprob_floor)
+        """input_ids, labels [B,T] -> cand_ids [B,T,k] long, cand_logprobs [B,T,k] float32 (on the source's device)."""
+        here = self._alignment_on(input_ids.device)
+        s_ids, s_mask = surrogate_inputs(input_ids, here, self.placeholder)
+        top = self.source.topk(s_ids, s_mask, self.request_k, here.permitted, self.logprob_floor)
         alignment = self._alignment_on(top.ids.device)
         return select_candidates(
             top.ids,
