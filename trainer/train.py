@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, set_seed
 
@@ -79,7 +79,7 @@ class Trainer:
         guide = build_guide(config, self.tokenizer, backend.surrogate_host(), self._text_sample())
         self.guide: Guide | None = backend.place_guide(guide, self.train_set[:2]["input_ids"], config.surrogate.min_coverage)
         self.ddp_model = backend.wrap_model(self.model)
-        self.plan = StepPlan.make(len(self._loader(epoch=0)), cfg)
+        self.plan = StepPlan.make(len(self._train_loader(epoch=0)), cfg)
         self.optimizer = self._optimizer()
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.plan.total_steps)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.plan.total_steps)
@@ -141,33 +141,39 @@ class Trainer:
         ids = self.train_set[: min(blocks, len(self.train_set))]["input_ids"]
         return self.tokenizer.decode(torch.as_tensor(ids).flatten().tolist())
 
-    def _loader(self, epoch: int, dataset: Any = None, batch_size: int | None = None, shuffle: bool = True) -> DataLoader:
-        cfg = self.config.training
-        dataset = self.train_set if dataset is None else dataset
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=self.backend.world_size,
-            rank=self.backend.rank,
-            shuffle=shuffle,
-            seed=cfg.seed,
-            drop_last=shuffle,
-        )
-        sampler.set_epoch(epoch)
+    def _loader(self, dataset: Any, sampler: Any, batch_size: int, drop_last: bool) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=batch_size or cfg.per_device_train_batch_size,
+            batch_size=batch_size,
             sampler=sampler,
-            drop_last=shuffle,
+            drop_last=drop_last,
             num_workers=self.backend.dataloader_workers(self.config.data.num_workers),
             pin_memory=self.backend.kind == "cuda",
         )
+
+    def _train_loader(self, epoch: int) -> DataLoader:
+        """This rank's shard of the training blocks, shuffled by (seed, epoch)."""
+        cfg = self.config.training
+        sampler = DistributedSampler(
+            self.train_set, num_replicas=self.backend.world_size, rank=self.backend.rank,
+            shuffle=True, seed=cfg.seed, drop_last=True,
+        )
+        sampler.set_epoch(epoch)
+        return self._loader(self.train_set, sampler, cfg.per_device_train_batch_size, drop_last=True)
+
+    def _eval_loader(self) -> DataLoader:
+        """This rank's share of the eval blocks: every block counted once over all ranks, none repeated."""
+        cfg = self.config.training
+        share = Subset(self.eval_set, range(self.backend.rank, len(self.eval_set), self.backend.world_size))
+        batch_size = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
+        return self._loader(share, None, batch_size, drop_last=False)
 
     def _micro_batches(self) -> Iterator[Batch]:
         """Training micro-batches from the saved position on, epoch after epoch."""
         epoch, skip = self.progress.epoch, self.progress.micro_batch
         per_epoch = self.plan.steps_per_epoch * self.config.training.gradient_accumulation_steps
         while True:
-            loader = self._loader(epoch)
+            loader = self._train_loader(epoch)
             yield from itertools.islice(loader, skip, per_epoch)
             epoch, skip = epoch + 1, 0
 
@@ -305,11 +311,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Token-level cross-entropy and perplexity of the eval set (all ranks together)."""
-        cfg = self.config.training
         self.ddp_model.eval()
         total = torch.zeros(2, device=self.backend.device, dtype=torch.float64)
-        loader = self._loader(0, self.eval_set, cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size, shuffle=False)
-        for batch in loader:
+        for batch in self._eval_loader():
             batch = {k: v.to(self.backend.device) for k, v in batch.items()}
             with self.backend.autocast():
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
