@@ -15,10 +15,11 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -101,16 +102,12 @@ class SurrogateEngine:
         """
         torch_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         torch_dtype = _resolve_dtype(dtype, torch_device)
-        try:
+        with explain_load_errors(name_or_path, "model"):
             model = AutoModelForCausalLM.from_pretrained(
                 name_or_path, dtype=torch_dtype, attn_implementation=attn_implementation,
                 trust_remote_code=trust_remote_code)
-        except OSError as err:
-            raise _load_error(name_or_path, "model", err) from err
-        try:
+        with explain_load_errors(name_or_path, "tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise _load_error(name_or_path, "tokenizer", err) from err
         return cls(model.to(torch_device), tokenizer, chunk_tokens=chunk_tokens)
 
     def topk(
@@ -280,14 +277,24 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _load_error(name_or_path: str, what: str, err: Exception) -> ValueError:
-    """A ValueError explaining why ``what`` could not be loaded from ``name_or_path``."""
-    if os.path.isdir(name_or_path):
-        return ValueError(f"could not load the {what} from the local directory {name_or_path!r}: {err}")
-    from huggingface_hub import is_offline_mode
+@contextlib.contextmanager
+def explain_load_errors(name_or_path: str, what: str) -> Iterator[None]:
+    """Re-raise a failed ``from_pretrained`` of ``what`` as a ValueError that says why and what to do.
 
-    reason = ("the Hub is offline (HF_HUB_OFFLINE=1)" if is_offline_mode()
-              else "it is not on the Hub, or the Hub is unreachable")
-    return ValueError(f"could not load the {what} {name_or_path!r}: it is not a local directory and {reason}, "
-                      f"and it is not in the local cache. Pass the path of a local directory saved with "
-                      f"save_pretrained instead. ({err})")
+    Shared by the engine and the trainer's base-model loading: a hub name while the hub
+    is offline or unreachable is the common case, and the fix is a local directory.
+    """
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if os.path.isdir(name_or_path):
+            raise ValueError(f"could not load the {what} from the local directory {name_or_path!r}: {err}") from err
+        from huggingface_hub import is_offline_mode
+
+        reason = ("the Hub is offline (HF_HUB_OFFLINE=1)" if is_offline_mode()
+                  else "it is not on the Hub, or the Hub is unreachable")
+        raise ValueError(
+            f"could not load the {what} {name_or_path!r}: it is not a local directory and {reason}, "
+            f"and it is not in the local cache. Pass the path of a local directory saved with "
+            f"save_pretrained instead. ({err})"
+        ) from err

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from surrogate_server.engine import explain_load_errors
 from trainer.config import ModelConfig, TrainConfig
 from trainer.device import Backend
 from trainer.guide import Guide, placeholder_id
@@ -20,28 +18,9 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hub_is_offline() -> bool:
-    return any(os.environ.get(var, "").lower() in ("1", "true", "yes") for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-@contextlib.contextmanager
-def explain_hub_errors(name: str, what: str) -> Iterator[None]:
-    """Turn 'cannot reach the hub' failures for a non-local name into a ValueError that says what to do."""
-    try:
-        yield
-    except (OSError, ValueError) as err:
-        if Path(name).exists():
-            raise
-        where = "the Hugging Face hub is offline (HF_HUB_OFFLINE=1)" if hub_is_offline() else "it could not be loaded from the Hugging Face hub"
-        raise ValueError(
-            f"{what} {name!r} is not a local directory and {where}: pass a local path "
-            f"(a directory written by save_pretrained) or run where the hub is reachable. Cause: {err}"
-        ) from err
-
-
 def load_tokenizer(cfg: ModelConfig):
     name = cfg.tokenizer or cfg.name_or_path
-    with explain_hub_errors(name, "base tokenizer"):
+    with explain_load_errors(name, "base tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name!r} has no EOS token; packing needs one to separate documents")
@@ -57,11 +36,11 @@ def load_base_model(cfg: ModelConfig, tokenizer, backend: Backend, weights_from:
     if weights_from is not None:
         model = AutoModelForCausalLM.from_pretrained(weights_from, **common)
     elif cfg.init_from_scratch:
-        with explain_hub_errors(cfg.name_or_path, "base model config"):
+        with explain_load_errors(cfg.name_or_path, "base model config"):
             config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_config(config, **common)
     else:
-        with explain_hub_errors(cfg.name_or_path, "base model"):
+        with explain_load_errors(cfg.name_or_path, "base model"):
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **common)
     vocab = model.get_output_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
@@ -94,10 +73,9 @@ def build_guide(config: TrainConfig, tokenizer, backend: Backend, sample_text: s
     else:
         from surrogate_server.engine import SurrogateEngine
 
-        with explain_hub_errors(scfg.name_or_path, "surrogate model"):
-            source = SurrogateEngine.from_pretrained(
-                scfg.name_or_path, device=str(backend.device), dtype=scfg.dtype, chunk_tokens=scfg.chunk_tokens
-            )
+        source = SurrogateEngine.from_pretrained(
+            scfg.name_or_path, device=str(backend.device), dtype=scfg.dtype, chunk_tokens=scfg.chunk_tokens
+        )
         spec = source.vocabulary_spec()
     alignment = align_vocabularies(tokenizer, spec, sample_text=sample_text, min_coverage=scfg.min_coverage)
     log.info("vocabulary alignment: %s", alignment)
