@@ -13,7 +13,6 @@ the big batch's update up to float summation order.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from surrogate_server.process import ServerProcess
 from trainer.checkpoint import STATE_FILE, checkpoints
 from trainer.train import train
 
@@ -133,20 +133,8 @@ def test_resume_at_an_epoch_boundary_with_another_world_size(two_ranks, make_con
 @pytest.fixture
 def surrogate_server(surrogate_dir):
     """``python -m surrogate_server`` on loopback, free ports; yields its gRPC address."""
-    cmd = [sys.executable, "-m", "surrogate_server", "--model", str(surrogate_dir), "--port", "0", "--http_port", "0",
-           "--device", "cpu", "--log_level", "WARNING"]
-    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = server.stdout.readline()  # "ready grpc=HOST:PORT http=HOST:PORT", or "" if it died
-        assert line.startswith("ready grpc="), f"surrogate server did not start (exit {server.poll()})"
-        yield line.split()[1].removeprefix("grpc=")
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    with ServerProcess(surrogate_dir, "--device", "cpu", "--log_level", "WARNING", cwd=ROOT) as server:
+        yield server.grpc
 
 
 def test_two_ranks_with_the_grpc_server_train_like_one_process(surrogate_server, base_dir, surrogate_dir, train_file,

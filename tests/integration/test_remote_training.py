@@ -8,14 +8,9 @@ again on the same port before they end. Outages are kept short with a small
 
 from __future__ import annotations
 
-import collections
 import json
 import math
-import os
-import re
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -24,10 +19,11 @@ import torch
 from transformers import AutoTokenizer
 
 from surrogate_server.engine import SurrogateEngine
+from surrogate_server.process import ServerProcess
 from trainer.checkpoint import checkpoints
 from trainer.config import build_config, merge
-from trainer.guide import SurrogateUnavailable, placeholder_id
 from trainer.guidance import surrogate_inputs
+from trainer.guide import SurrogateUnavailable, placeholder_id
 from trainer.remote import RemoteSurrogate
 from trainer.train import train
 from trainer.vocab import align_vocabularies
@@ -39,57 +35,14 @@ TIMEOUT = 3.0  # surrogate.request_timeout in these tests: an outage costs a bat
 TOKEN = "integration-secret"
 
 
-class ServerProcess:
-    """``python -m surrogate_server`` as a subprocess: start, kill, start again on the same port."""
-
-    def __init__(self, model_dir: Path, *, token_file: Path | None = None, boot_timeout: float = 120.0):
-        self.model_dir = model_dir
-        self.token_file = token_file
-        self.boot_timeout = boot_timeout
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.log: collections.deque[str] = collections.deque(maxlen=200)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> ServerProcess:
-        cmd = [sys.executable, "-m", "surrogate_server", "--model", str(self.model_dir), "--host", "127.0.0.1",
-               "--port", str(self.port), "--http_port", "0", "--device", "cpu", "--dtype", "float32"]
-        if self.token_file is not None:
-            cmd += ["--auth_token_file", str(self.token_file)]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
-        ready = threading.Event()
-        threading.Thread(target=self._drain, args=(self.proc, ready), daemon=True).start()
-        if not ready.wait(self.boot_timeout) or self.proc.poll() is not None:
-            self.kill()
-            raise RuntimeError("surrogate server did not become ready:\n" + "\n".join(self.log))
-        return self
-
-    def _drain(self, proc: subprocess.Popen, ready: threading.Event) -> None:
-        """Read the server's output (so its pipe never fills); note the port from the ready line."""
-        for line in proc.stdout:
-            self.log.append(line.rstrip())
-            if match := re.match(r"ready grpc=\S+:(\d+) ", line):
-                self.port = int(match[1])
-                ready.set()
-        ready.set()  # the server exited: start() sees it and reports the log
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
+def start_server(model_dir: Path, *flags: str) -> ServerProcess:
+    return ServerProcess(model_dir, "--device", "cpu", "--dtype", "float32", *flags, cwd=ROOT,
+                         env={"OMP_NUM_THREADS": "1"}).start()
 
 
 @pytest.fixture(scope="module")
 def server(surrogate_dir):
-    process = ServerProcess(surrogate_dir).start()
+    process = start_server(surrogate_dir)
     yield process
     process.kill()
 
@@ -118,7 +71,7 @@ def config_for(base_dir, surrogate_dir, train_file):
 
 
 def remote(server: ServerProcess, **extra) -> dict:
-    return {"name_or_path": None, "endpoint": server.address, **extra}
+    return {"name_or_path": None, "endpoint": server.grpc, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +129,7 @@ class KillSwitch:
 def test_remote_topk_equals_the_in_process_engine(server, base_dir, surrogate_dir, texts):
     engine = SurrogateEngine.from_pretrained(str(surrogate_dir), device="cpu", dtype="float32")
     base_tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    with RemoteSurrogate([server.address], timeout=10) as client:
+    with RemoteSurrogate([server.grpc], timeout=10) as client:
         spec = client.vocabulary_spec()
         assert spec == engine.vocabulary_spec()
         alignment = align_vocabularies(base_tokenizer, spec, sample_text=texts[0])
@@ -240,7 +193,7 @@ def test_server_killed_mid_training_fail_then_resume(server, config_for, in_proc
 
 # -- (4) re-registration, (5) failover, (6) auth ------------------------------------------------
 def test_permitted_set_is_registered_again_after_a_restart(server):
-    with RemoteSurrogate([server.address], timeout=30) as client:
+    with RemoteSurrogate([server.grpc], timeout=30) as client:
         vocab = client.info().vocab_size
         ids = torch.randint(3, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
         permitted = torch.rand(vocab, generator=torch.Generator().manual_seed(1)) < 0.5
@@ -256,7 +209,7 @@ def test_two_endpoints_one_dead_requests_go_to_the_live_one(server, config_for, 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{sock.getsockname()[1]}"
-    result = train(config_for(tmp_path, remote(server, endpoint=f"{dead},{server.address}"), {"max_steps": 4}))
+    result = train(config_for(tmp_path, remote(server, endpoint=f"{dead},{server.grpc}"), {"max_steps": 4}))
     records = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert result.steps == 4 and records[-1]["unguided_batches"] == 0
     assert all(r["guided_share"] > 0 for r in records)
@@ -266,15 +219,15 @@ def test_two_endpoints_one_dead_requests_go_to_the_live_one(server, config_for, 
 def test_auth_token(surrogate_dir, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    secured = ServerProcess(surrogate_dir, token_file=token_file).start()
+    secured = start_server(surrogate_dir, "--auth_token_file", str(token_file))
     try:
-        with RemoteSurrogate([secured.address], timeout=5) as client:
+        with RemoteSurrogate([secured.grpc], timeout=5) as client:
             with pytest.raises(ValueError, match="auth_token_file"):
                 client.info()
-        with RemoteSurrogate([secured.address], token="wrong", timeout=5) as client:
+        with RemoteSurrogate([secured.grpc], token="wrong", timeout=5) as client:
             with pytest.raises(ValueError, match="refused"):
                 client.info()
-        with RemoteSurrogate([secured.address], token=TOKEN, timeout=5) as client:
+        with RemoteSurrogate([secured.grpc], token=TOKEN, timeout=5) as client:
             ids = torch.randint(3, 500, (1, 8))
             assert client.topk(ids, torch.ones_like(ids), 4).ids.shape == (1, 8, 4)
     finally:

@@ -11,10 +11,8 @@ import collections
 import inspect
 import json
 import math
-import os
 import queue
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -38,6 +36,7 @@ from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
 from protos.sdce.surrogate.v1 import surrogate_pb2_grpc as pb_grpc
 from surrogate_server import codec
 from surrogate_server.engine import SurrogateEngine
+from surrogate_server.process import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -80,35 +79,8 @@ def engine(model_dir: Path) -> SurrogateEngine:
     return SurrogateEngine.from_pretrained(str(model_dir), device="cpu", dtype="float32")
 
 
-class ServerProcess:
-    """`python -m surrogate_server` on loopback; `grpc` and `http` are its HOST:PORT addresses."""
-
-    def __init__(self, model_dir: Path, log_path: Path, *flags: str, env: dict[str, str] | None = None) -> None:
-        self.log_path = log_path
-        command = [sys.executable, "-m", "surrogate_server", "--model", str(model_dir), "--port", "0",
-                   "--http_port", "0", "--log_level", "WARNING", *flags]
-        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log_path.open("w"),
-                                     text=True, env={**os.environ, **(env or {})})
-        line = self._read_line(timeout=120)
-        match = re.fullmatch(r"ready grpc=(\S+) http=(\S+)\n", line)
-        assert match, f"unexpected first line {line!r}; server log:\n{log_path.read_text()}"
-        self.grpc, self.http = match[1], match[2]
-
-    def _read_line(self, timeout: float) -> str:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            self.proc.kill()
-            raise AssertionError(f"no ready line within {timeout} s; log:\n{self.log_path.read_text()}")
-        return self.proc.stdout.readline()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def start_server(model_dir: Path, *flags: str, env: dict[str, str] | None = None) -> ServerProcess:
+    return ServerProcess(model_dir, "--log_level", "WARNING", *flags, env=env, cwd=ROOT).start()
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +89,14 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     folder = tmp_path_factory.mktemp("server")
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
-    process = ServerProcess(
-        model_dir, folder / "server.log", "--auth_token_file", str(token_file), "--max_wait_ms", "50",
+    process = start_server(
+        model_dir, "--auth_token_file", str(token_file), "--max_wait_ms", "50",
         "--length_bucket", "8", "--max_batch_tokens", "1024", "--max_k", str(MAX_K),
         "--max_tokens_per_request", str(MAX_TOKENS), "--max_queue", str(MAX_QUEUE),
         "--max_permitted_sets", str(MAX_SETS), "--max_message_mb", "1")
     yield process
     process.stop()
-    assert "Traceback" not in process.log_path.read_text(), process.log_path.read_text()
+    assert "Traceback" not in process.output, process.output
 
 
 @pytest.fixture(scope="module")
@@ -494,8 +466,7 @@ def test_tls_server_answers_a_secure_channel(engine: SurrogateEngine, tmp_path: 
 def test_sigterm_lets_in_flight_requests_finish_then_exits_0(model_dir: Path, tmp_path: Path,
                                                              engine: SurrogateEngine) -> None:
     # Auth off here: no token needed. A 1.5 s batching window keeps the requests in flight.
-    process = ServerProcess(model_dir, tmp_path / "server.log", "--max_wait_ms", "1500", "--grace_s", "20",
-                            env={"SDCE_SURROGATE_TOKEN": ""})
+    process = start_server(model_dir, "--max_wait_ms", "1500", "--grace_s", "20", env={"SDCE_SURROGATE_TOKEN": ""})
     outgoing: queue.Queue[pb.TopKRequest | None] = queue.Queue()
     try:
         with grpc.insecure_channel(process.grpc) as channel:
@@ -519,11 +490,11 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(model_dir: Path, tm
             streamed = list(stream)  # the server ends the stream once its in-flight request is answered
             assert [r.request_id for r in streamed] == ["streamed"] and stream.code() == CODE.OK
             assert_matches_engine(streamed[0], engine, inputs[3], 3)
-        assert process.proc.wait(timeout=30) == 0, (tmp_path / "server.log").read_text()
+        assert process.proc.wait(timeout=30) == 0, process.output
     finally:
         outgoing.put(None)
         process.stop()
-    assert "Traceback" not in (tmp_path / "server.log").read_text()
+    assert "Traceback" not in process.output
 
 
 def _queue_depth(process: ServerProcess) -> float:

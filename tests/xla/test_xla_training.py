@@ -2,14 +2,14 @@
 recompilation or host reads inside steps, cross-device checkpoints, the surrogate check."""
 
 import dataclasses
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from surrogate_server.process import ServerProcess
 
 torch_xla = pytest.importorskip(
     "torch_xla", reason="XLA lane only: bash scripts/setup_xla_env.sh && .venv-xla/bin/python -m pytest tests/xla"
@@ -64,21 +64,9 @@ def test_steps_do_not_read_device_values(make_config, tmp_path, loss_type):
 @pytest.fixture
 def surrogate_server(surrogate_dir):
     """``python -m surrogate_server`` on loopback (CPU), free ports; yields its gRPC address."""
-    cmd = [sys.executable, "-m", "surrogate_server", "--model", str(surrogate_dir), "--port", "0", "--http_port", "0",
-           "--device", "cpu", "--log_level", "WARNING"]
-    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              env={k: v for k, v in os.environ.items() if k != "PJRT_DEVICE"})
-    try:
-        line = server.stdout.readline()
-        assert line.startswith("ready grpc="), f"surrogate server did not start (exit {server.poll()})"
-        yield line.split()[1].removeprefix("grpc=")
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    # The server runs plain torch on the CPU, not XLA.
+    with ServerProcess(surrogate_dir, "--device", "cpu", "--log_level", "WARNING", cwd=ROOT, env={"PJRT_DEVICE": None}) as server:
+        yield server.grpc
 
 
 def test_remote_guidance_arrives_through_the_device_loader(make_config, tmp_path, surrogate_server):
