@@ -28,16 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from surrogate_server.process import ServerProcess  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -68,19 +67,6 @@ def build_assets(root: Path, seq_len: int) -> dict[str, Path]:
         tokenizer.save_pretrained(path)
     paths["data"].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 4))
     return paths
-
-
-def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
-    """``python -m surrogate_server`` on a free loopback port; returns (process, host:port) once it is ready."""
-    cmd = [sys.executable, "-m", "surrogate_server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-           "--http_port", "0", "--device", "cpu", "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in proc.stdout:
-        if match := re.match(r"ready grpc=(\S+) ", line):
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()  # keep the pipe drained
-            return proc, match[1]
-    raise RuntimeError(f"the surrogate server exited with {proc.wait()} before it was ready")
 
 
 def run(paths: dict[str, Path], out: Path, args: argparse.Namespace, surrogate: dict | None) -> dict[str, float]:
@@ -127,8 +113,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_guidance_wait_") as tmp:
         root = Path(tmp)
         paths = build_assets(root, args.seq_len)
-        server, address = start_server(paths["surrogate"])
-        try:
+        server = ServerProcess(paths["surrogate"], "--device", "cpu", "--dtype", "float32", cwd=ROOT,
+                               env={"OMP_NUM_THREADS": "1"})
+        with server:
+            address = server.grpc
             modes = {
                 "none (standard training)": None,
                 "in-process": {"name_or_path": str(paths["surrogate"])},
@@ -136,9 +124,6 @@ def main() -> None:
                 "remote, prefetch_depth 2": {"endpoint": address, "prefetch_depth": 2},
             }
             results = {name: run(paths, root / f"run{i}", args, sur) for i, (name, sur) in enumerate(modes.items())}
-        finally:
-            server.kill()
-            server.wait()
     print(f"\n{args.steps} steps of {args.batch_size}x{args.seq_len} tokens, k=30, no threshold, CPU, trainer "
           f"{args.threads} thread(s); medians over logging windows of {args.window} steps after the first\n")
     floor = results["none (standard training)"]["input_wait_share"]

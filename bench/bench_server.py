@@ -29,10 +29,7 @@ import argparse
 import asyncio
 import importlib
 import math
-import re
-import select
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from protos.sdce.surrogate.v1 import surrogate_pb2 as pb  # noqa: E402
 from protos.sdce.surrogate.v1 import surrogate_pb2_grpc as pb_grpc  # noqa: E402
 from surrogate_server import codec  # noqa: E402
+from surrogate_server.process import ServerProcess  # noqa: E402
 
 FLOOR = math.log(0.02)
 
@@ -145,26 +143,13 @@ def token_windows(model_dir: Path | str, text: str, rows: int, seq_len: int, voc
 
 # ---------------------------------------------------------------- server process and clients
 
-class Server:
-    """`python -m surrogate_server` on loopback, port 0."""
-
-    def __init__(self, model_dir: Path | str, args: argparse.Namespace, *flags: str) -> None:
-        command = [sys.executable, "-m", "surrogate_server", "--model", str(model_dir), "--port", "0",
-                   "--http_port", "0", "--device", args.device, "--dtype", args.dtype, "--log_level", "WARNING",
-                   "--max_batch_tokens", str(args.max_batch_tokens), "--max_wait_ms", str(args.max_wait_ms),
-                   "--max_tokens_per_request", str(max(args.rows * args.seq_len, 1024)), *flags]
-        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        ready, _, _ = select.select([self.proc.stdout], [], [], 600)
-        line = self.proc.stdout.readline() if ready else ""
-        match = re.fullmatch(r"ready grpc=(\S+) http=(\S+)\n", line)
-        if not match:
-            self.proc.kill()
-            raise RuntimeError(f"the server did not start (first line {line!r})")
-        self.address = match[1]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+def start_server(model_dir: Path | str, args: argparse.Namespace, *flags: str) -> ServerProcess:
+    """``python -m surrogate_server`` on loopback, free ports, with the benchmark's limits."""
+    return ServerProcess(
+        model_dir, "--device", args.device, "--dtype", args.dtype, "--log_level", "WARNING",
+        "--max_batch_tokens", str(args.max_batch_tokens), "--max_wait_ms", str(args.max_wait_ms),
+        "--max_tokens_per_request", str(max(args.rows * args.seq_len, 1024)), *flags, cwd=ROOT, boot_timeout=600,
+    ).start()
 
 
 @dataclass
@@ -273,8 +258,6 @@ def cuda_baselines(model_dir: Path | str, windows: list[np.ndarray], args: argpa
     attention = 2 * config.num_hidden_layers * batch.shape[1] * config.num_attention_heads * head_dim
     results["flops_per_token"] = 2 * matmul_params + attention
     results["matmul_tflops"] = _matmul_ceiling(engine.dtype)
-    del model, engine
-    torch.cuda.empty_cache()
     return results
 
 
@@ -329,20 +312,22 @@ def main(argv: list[str] | None = None) -> int:
         vocab = AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
         windows = token_windows(model_dir, text, args.rows, args.seq_len, vocab)
         baselines = cuda_baselines(model_dir, windows, args) if cuda else None
+        if cuda:
+            torch.cuda.empty_cache()  # the baselines' models are gone; leave the GPU to the servers
         clients = [int(c) for c in args.clients.split(",")]
         load: dict[tuple[bool, int], LoadResult] = {}
         wire: dict[str, tuple[float, float, float]] = {}
         # Both servers up at once, cells interleaved (on, off, on, off, ...): load from elsewhere on a
         # shared machine then hits both settings alike instead of whichever ran second.
-        servers = {batching: Server(model_dir, args, *([] if batching else ["--no_batching"]))
+        servers = {batching: start_server(model_dir, args, *([] if batching else ["--no_batching"]))
                    for batching in (True, False)}
         try:
             for count in clients:
                 for batching, server in servers.items():
                     load[batching, count] = asyncio.run(
-                        run_load(server.address, windows, count, args.seconds, args.k + 1, FLOOR))
+                        run_load(server.grpc, windows, count, args.seconds, args.k + 1, FLOOR))
             for name, floor in (("none", None), ("0.02", FLOOR)):
-                wire[name] = asyncio.run(wire_sizes(servers[True].address, windows, args.k, floor, args.wire_requests))
+                wire[name] = asyncio.run(wire_sizes(servers[True].grpc, windows, args.k, floor, args.wire_requests))
         finally:
             for server in servers.values():
                 server.stop()

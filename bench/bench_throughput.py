@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from surrogate_server.process import ServerProcess  # noqa: E402
 
 # Dense bf16 peak TFLOP/s by device name fragment (vendor data sheets, SXM parts).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
@@ -70,17 +71,6 @@ def build_models(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path
         for _ in range(args.repeat_text):
             f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
     return work / "base", work / "surrogate", train_file
-
-
-def start_server(surrogate: Path, device: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "surrogate_server", "--model", str(surrogate), "--port", "0", "--http_port", "0",
-           "--device", device, "--log_level", "WARNING"]
-    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = server.stdout.readline()
-    if not line.startswith("ready grpc="):
-        server.kill()
-        raise RuntimeError(f"the surrogate server did not start (exit {server.wait()})")
-    return server, line.split()[1].removeprefix("grpc=")
 
 
 def run(args: argparse.Namespace, paths: tuple[Path, Path, Path], out: Path, ranks: int, guidance: list[str]) -> float:
@@ -163,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         paths = build_models(args, work)
         cases = [("standard", ["--standard_training"]), ("sdce in-process", ["--surrogate_model", str(paths[1])])]
-        server = None
+        server = ServerProcess(paths[1], "--device", "cuda" if args.device.startswith("cuda") else "cpu",
+                               "--log_level", "WARNING", cwd=ROOT)
         if not args.skip_remote:
-            server, address = start_server(paths[1], "cuda" if args.device.startswith("cuda") else "cpu")
-            cases.append(("sdce remote", ["--surrogate_endpoint", address]))
+            cases.append(("sdce remote", ["--surrogate_endpoint", server.start().grpc]))
         try:
             for name, guidance in cases:
                 for ranks in args.ranks:
@@ -174,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[name, ranks] = run(args, paths, out, ranks, guidance)
                     print(f"{name}, {ranks} rank(s): {results[name, ranks]:,.0f} tokens/s", file=sys.stderr, flush=True)
         finally:
-            if server is not None:
-                server.send_signal(signal.SIGTERM)
-                server.wait(timeout=60)
+            server.stop(timeout=60)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
     print(f"GPT-2-shaped base: {args.n_layer} layers x {args.n_embd}, vocab {args.vocab}, seq {args.seq_len}, "
           f"batch {args.batch}/rank, {'fp32' if args.mixed_precision == 'no' else args.mixed_precision}; surrogate: Llama-shaped {args.surrogate_layers} x "
