@@ -240,15 +240,15 @@ def align_vocabularies(
     sample_text: str | None = None,
     min_coverage: float = 0.3,
 ) -> VocabAlignment:
-    """Match the two vocabularies by the bytes their tokens stand for, special tokens by role.
+    """Match the two vocabularies by the bytes their tokens stand for; special tokens by string, then role.
 
-    Where several ids of one vocabulary stand for the same bytes, the lowest id represents
-    them and the others map to -1. `sample_text` (tokenized with the base tokenizer, so
+    Where several ids of one vocabulary stand for the same bytes, one represents them (the
+    lowest regular piece, see _representatives) and the others map to -1. `sample_text` (tokenized with the base tokenizer, so
     that must then be a tokenizer) gives the coverage figure; without it coverage is the
     share of base ids that map. Raises ValueError when nothing maps or coverage < min_coverage.
     """
     base, surrogate = _as_spec(base_tokenizer), _as_spec(surrogate_tokenizer)
-    pairs = _role_pairs(base, surrogate) + _byte_pairs(base, surrogate)
+    pairs = _special_pairs(base, surrogate) + _byte_pairs(base, surrogate)
     base_ids = torch.tensor([b for b, _ in pairs], dtype=torch.long)
     surrogate_ids = torch.tensor([s for _, s in pairs], dtype=torch.long)
     b2s = torch.full((len(base.tokens),), -1, dtype=torch.long).index_put_((base_ids,), surrogate_ids)
@@ -268,14 +268,28 @@ def _as_spec(tokenizer: PreTrainedTokenizerBase | VocabularySpec) -> VocabularyS
     return tokenizer if isinstance(tokenizer, VocabularySpec) else vocabulary_spec(tokenizer)
 
 
-def _role_pairs(base: VocabularySpec, surrogate: VocabularySpec) -> list[tuple[int, int]]:
-    """(base id, surrogate id) of the special tokens, matched by role in ROLES order, each id once."""
+def _special_pairs(base: VocabularySpec, surrogate: VocabularySpec) -> list[tuple[int, int]]:
+    """(base id, surrogate id) of the special tokens, each id once: the same token string first, then by role.
+
+    The string comes first so that GPT-2's document separator <|endoftext|> meets Qwen's
+    <|endoftext|> (Qwen's pad) rather than Qwen's eos, the chat-turn end <|im_end|>.
+    """
     pairs: list[tuple[int, int]] = []
-    for role in ROLES:
-        b, s = base.special_tokens.get(role), surrogate.special_tokens.get(role)
+
+    def add(b: int | None, s: int | None) -> None:
         if b is not None and s is not None and all(b != pb and s != ps for pb, ps in pairs):
             pairs.append((b, s))
+
+    surrogate_by_string = {surrogate.tokens[i]: i for i in sorted(_special_ids(surrogate), reverse=True)}
+    for b in sorted(_special_ids(base)):
+        add(b, surrogate_by_string.get(base.tokens[b]))
+    for role in ROLES:
+        add(base.special_tokens.get(role), surrogate.special_tokens.get(role))
     return pairs
+
+
+def _special_ids(spec: VocabularySpec) -> set[int]:
+    return set(spec.special_tokens.values()) | set(spec.control_ids)
 
 
 def _byte_pairs(base: VocabularySpec, surrogate: VocabularySpec) -> list[tuple[int, int]]:

@@ -319,3 +319,14 @@ def test_alignment_tensors_and_summary(alignments):
     assert moved.coverage == alignment.coverage
     summary = str(alignment)
     assert f"of {VOCAB_SIZE} base ids" in summary and f"coverage {alignment.coverage:.1%}" in summary
+
+
+def test_special_tokens_with_the_same_string_match_before_roles():
+    """GPT-2's <|endoftext|> (its eos) meets Qwen's <|endoftext|> (Qwen's pad), not Qwen's eos <|im_end|>."""
+    gpt2_like = VocabularySpec(["Ġthe", "<|endoftext|>"], "byte_level", {"eos": 1, "bos": 1, "unk": 1})
+    qwen_like = VocabularySpec(
+        ["Ġthe", "<|endoftext|>", "<|im_start|>", "<|im_end|>"], "byte_level", {"pad": 1, "eos": 3}, control_ids=[2]
+    )
+    alignment = align_vocabularies(gpt2_like, qwen_like, min_coverage=0.0)
+    assert alignment.base_to_surrogate.tolist() == [0, 1]
+    assert alignment.surrogate_to_base.tolist() == [0, 1, -1, -1]
