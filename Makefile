@@ -1,5 +1,5 @@
 # Set-up and entry points. Every target creates the virtual environment first if needed.
-#   make demo   the offline SDCE demo (no network, ~10 min on 2 CPU cores)
+#   make demo   the offline SDCE demo (no network, ~5 min on 2 CPU cores)
 #   make test   the test suite
 #   make xla-test  the XLA lane (torch_xla on the CPU; CI runs it too)
 
