@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, set_seed
 
-from trainer.checkpoint import Progress, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from trainer.checkpoint import Progress, checkpoints, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data import build_lm_datasets
 from trainer.device import Backend, init_backend, launch, main_process_first
@@ -98,6 +99,13 @@ class Trainer:
                 f"{self.output_dir} already holds {existing.name}: pass --resume_from_checkpoint latest to "
                 "continue, --overwrite_output_dir to start afresh, or another --output_dir"
             )
+        if existing and cfg.overwrite_output_dir and cfg.resume_from_checkpoint is None:
+            # Starting afresh: the old run's checkpoints must not be taken for this run's 'latest'.
+            with main_process_first(self.backend):
+                if self.backend.is_main:
+                    for old in checkpoints(self.output_dir):
+                        shutil.rmtree(old)
+                    log.info("overwrite_output_dir: removed the old checkpoints in %s", self.output_dir)
 
     def _tracker(self) -> NullTracker:
         if not self.backend.is_main:

@@ -64,6 +64,8 @@ def test_existing_checkpoints_need_resume_or_overwrite(make_config, tmp_path):
     train(make_config({"training": {"loss_type": "standard", "max_steps": 2, "save_steps": 2}}, out))
     with pytest.raises(ValueError, match="--resume_from_checkpoint latest"):
         train(make_config({"training": {"loss_type": "standard", "max_steps": 2}}, out))
+    train(make_config({"training": {"loss_type": "standard", "max_steps": 1, "overwrite_output_dir": True}}, out))
+    assert checkpoints(out) == []  # the old run's checkpoint-2 is gone, so 'latest' cannot pick it up
 
 
 def test_command_line_run_writes_model_config_metrics_and_wandb(base_dir, surrogate_dir, train_file, tmp_path):
