@@ -181,6 +181,8 @@ class RemoteSurrogate:
         credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()) if tls_ca else None
         self._endpoints = [self._open(address, credentials) for address in endpoints]
         self._lock = threading.Lock()
+        # The trainer passes the same permitted tensor with every request: pack and hash it once.
+        self._packed_permitted: tuple[torch.Tensor, pb.Tensor, str] | None = None
         self._turn = itertools.count()
         self._window = _Window()
         self._info: pb.InfoResponse | None = None
@@ -247,7 +249,7 @@ class RemoteSurrogate:
         if input_ids.numel() == 0:  # the server refuses empty requests; the engine answers them empty
             shape = (*input_ids.shape, k)
             return TopK(logprobs=torch.full(shape, float("-inf")), ids=torch.full(shape, -1, dtype=torch.long))
-        mask, permitted_id = self._permitted(permitted, info.vocab_size)
+        mask, permitted_id = self._packed(permitted, info.vocab_size)
         rows = self._row_chunks(input_ids.shape, info.max_tokens_per_request)
         parts = []
         for start, stop in rows:
@@ -318,6 +320,16 @@ class RemoteSurrogate:
             )
         with self._lock:
             ep.registered.add(permitted_id)
+
+    def _packed(self, permitted: torch.Tensor | None, vocab_size: int) -> tuple[pb.Tensor | None, str]:
+        """``_permitted`` of the last permitted tensor seen, reused while the caller passes that same tensor."""
+        cached = self._packed_permitted
+        if permitted is not None and cached is not None and cached[0] is permitted:
+            return cached[1], cached[2]
+        mask, permitted_id = self._permitted(permitted, vocab_size)
+        if permitted is not None:
+            self._packed_permitted = (permitted, mask, permitted_id)
+        return mask, permitted_id
 
     @staticmethod
     def _permitted(permitted: torch.Tensor | None, vocab_size: int) -> tuple[pb.Tensor | None, str]:
