@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from surrogate_server.vocabulary import VocabularySpec, vocabulary_spec
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Config fields that change logits after the lm_head in some architectures and that the
 # engine does not reproduce; named in the error when the self-check fails.
@@ -142,12 +144,10 @@ class SurrogateEngine:
         return TopK(logprobs=out.logprobs.clone(), ids=out.ids.clone())
 
     def vocabulary_spec(self) -> Any:
-        """The tokenizer's vocabulary spec (``trainer.vocab.vocabulary_spec``), computed once."""
+        """The tokenizer's vocabulary spec (``surrogate_server.vocabulary``), computed once."""
         if self.tokenizer is None:
             raise ValueError("this engine has no tokenizer; pass one to SurrogateEngine(model, tokenizer)")
         if self._vocabulary_spec is None:
-            from trainer.vocab import vocabulary_spec  # imported late: the engine runs without the trainer
-
             self._vocabulary_spec = vocabulary_spec(self.tokenizer)
         return self._vocabulary_spec
 

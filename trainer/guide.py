@@ -21,7 +21,8 @@ from typing import Any, Iterable, Iterator, Protocol
 import torch
 
 from trainer.guidance import select_candidates, surrogate_inputs
-from trainer.vocab import VocabAlignment, VocabularySpec
+from surrogate_server.vocabulary import VocabularySpec
+from trainer.alignment import VocabAlignment
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def build_guide(config: TrainConfig, tokenizer, backend: Backend, sample_text: s
     """
     if config.training.loss_type == "standard":
         return None
-    from trainer.vocab import align_vocabularies
+    from trainer.alignment import align_vocabularies
 
     scfg = config.surrogate
     if scfg.endpoint:

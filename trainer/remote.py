@@ -47,7 +47,7 @@ from surrogate_server import codec
 from surrogate_server.engine import TopK
 from trainer.config import SurrogateConfig
 from trainer.guide import SurrogateUnavailable
-from trainer.vocab import VocabularySpec
+from surrogate_server.vocabulary import VocabularySpec
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from trainer.guidance import surrogate_inputs
 from trainer.guide import SurrogateUnavailable, placeholder_id
 from trainer.remote import RemoteSurrogate
 from trainer.train import train
-from trainer.vocab import align_vocabularies
+from trainer.alignment import align_vocabularies
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

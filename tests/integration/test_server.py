@@ -158,7 +158,7 @@ def test_regenerating_the_stubs_changes_nothing(tmp_path: Path) -> None:
 
 def test_info_and_vocabulary_describe_the_model(stub: pb_grpc.SurrogateStub, engine: SurrogateEngine,
                                                 model_dir: Path) -> None:
-    from trainer.vocab import VocabularySpec
+    from surrogate_server.vocabulary import VocabularySpec
 
     info = stub.GetInfo(pb.InfoRequest(), metadata=AUTH, timeout=10)
     assert (info.protocol_version, info.vocab_size, info.tokenizer_size) == (1, 512, 512)

@@ -104,7 +104,7 @@ def test_tokenizers_are_of_different_families(assets: demo.DemoAssets) -> None:
 
 
 def test_vocabularies_align(assets: demo.DemoAssets) -> None:
-    vocab = pytest.importorskip("trainer.vocab")
+    vocab = pytest.importorskip("trainer.alignment")
     base = AutoTokenizer.from_pretrained(assets.base_dir)
     surrogate = AutoTokenizer.from_pretrained(assets.surrogate_init_dir)
     sample = "\n".join(read_docs(assets.valid_file))

@@ -258,9 +258,9 @@ def test_from_pretrained_unknown_hub_name_offline(monkeypatch: pytest.MonkeyPatc
         SurrogateEngine.from_pretrained("nobody-sdce/no-such-model-xyz", device="cpu")
 
 
-def test_vocabulary_spec_delegates_to_trainer_vocab(tmp_path) -> None:
+def test_vocabulary_spec_is_computed_once(tmp_path) -> None:
     from tests.tokenizer_factory import corpus, train_sentencepiece_bpe
-    from trainer.vocab import vocabulary_spec
+    from surrogate_server.vocabulary import vocabulary_spec
 
     tokenizer = train_sentencepiece_bpe(corpus(["json"]), 300)
     engine = SurrogateEngine(_build("llama"), tokenizer)

@@ -18,7 +18,7 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class Tables:
-    """Stand-in for trainer.vocab.VocabAlignment: only the two lookup tables."""
+    """Stand-in for trainer.alignment.VocabAlignment: only the two lookup tables."""
 
     base_to_surrogate: Tensor
     surrogate_to_base: Tensor
@@ -182,7 +182,7 @@ def test_surrogate_inputs_placeholders_and_mask() -> None:
 
 
 def test_accepts_the_real_vocab_alignment() -> None:
-    vocab = pytest.importorskip("trainer.vocab")
+    vocab = pytest.importorskip("trainer.alignment")
     tables = make_alignment(vocab_base=40, vocab_surrogate=50, mapped=30, seed=1)
     real = vocab.VocabAlignment(tables.base_to_surrogate, tables.surrogate_to_base, coverage=1.0)
     topk_ids, topk_lp = make_topk(2, 4, 50, width=6, seed=2)

@@ -11,7 +11,8 @@ from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from tests.tokenizer_factory import corpus, train_byte_level_bpe, train_sentencepiece_bpe, train_wordpiece
-from trainer.vocab import VocabAlignment, VocabularySpec, align_vocabularies, token_bytes, vocabulary_spec
+from surrogate_server.vocabulary import VocabularySpec, token_bytes, vocabulary_spec
+from trainer.alignment import VocabAlignment, align_vocabularies
 
 VOCAB_SIZE = 1000
 # Raw token strings of common words in each family (independent of token_bytes).
