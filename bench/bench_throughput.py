@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, paths: tuple[Path, Path, Path], out: Path, ran
         "train.py", "--base_model", str(base), "--train_file", str(train_file), "--max_seq_length", str(args.seq_len),
         "--batch_size", str(args.batch), "--max_steps", str(args.steps), "--logging_steps", "1", "--save_steps", "none",
         "--max_eval_blocks", "1", "--device", args.device, "--mixed_precision", args.mixed_precision,
-        "--no-progress_bar", "--output_dir", str(out), "--dataloader_num_workers", "1", *guidance,
+        "--no_progress_bar", "--output_dir", str(out), "--dataloader_num_workers", "1", *guidance,
     ]
     launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={ranks}"]

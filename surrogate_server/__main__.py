@@ -2,9 +2,10 @@
 
 Usage::
 
-    sdce-surrogate-server --model Qwen/Qwen3-0.6B --port 50051 --http_port 8080
+    sdce-surrogate-server --model Qwen/Qwen3-0.6B --port 50051 --http_port 8000
     python -m surrogate_server --model ./my-surrogate --host 0.0.0.0 --max_batch_tokens 16384 \\
         --max_wait_ms 5 --auth_token_file /etc/sdce/token --tls_cert cert.pem --tls_key key.pem
+    python -m surrogate_server --config server.yaml      # sections launch / server / batcher
     python train.py ... --surrogate_endpoint host:50051
 
 Binds 127.0.0.1 unless --host says otherwise. When both servers listen it prints one line
@@ -22,95 +23,87 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import socket
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import uvicorn
 
+from surrogate_server import config_cli
+from surrogate_server.auth import TOKEN_ENV, read_token
 from surrogate_server.batcher import BatcherConfig
-from surrogate_server.server import TOKEN_ENV, ServerConfig
+from surrogate_server.config_cli import option
+from surrogate_server.server import ServerConfig
+from surrogate_server.source import TORCH_DTYPES
 
 log = logging.getLogger("surrogate_server")
 
 
+@dataclass
+class LaunchConfig:
+    """The model and where the process serves it."""
+
+    model: str | None = option(None, "Hub name or local directory of a causal LM (required).")
+    host: str = option("127.0.0.1", "Interface to bind (0.0.0.0: all; then mind --auth_token_file).")
+    port: int = option(50051, "gRPC port (0: any free port).")
+    http_port: int = option(8000, "HTTP port: probes, metrics, msgpack top-k (0: any free port).")
+    device: str = option("auto", "'auto' (cuda if available), 'cpu', 'cuda:1', ...")
+    dtype: str = option("auto", "Model dtype; auto: bfloat16 on cuda, else float32.", choices=("auto", *TORCH_DTYPES))
+    chunk_tokens: int = option(1024, "Positions per lm_head/log-softmax/top-k block.")
+    auth_token_file: str | None = option(None, f"File holding the shared secret (else ${TOKEN_ENV}; neither: no auth).")
+    grace_s: float = option(30.0, "SIGTERM: how long in-flight requests may take.")
+    trust_remote_code: bool = option(False, "Allow the model's own code from the Hub.")
+    log_level: str = option("INFO", "Logging level on stderr.")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("no model: pass --model HUB_NAME_OR_DIRECTORY")
+
+
+SECTIONS = {"launch": LaunchConfig, "server": ServerConfig, "batcher": BatcherConfig}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Process flags by hand; the limits are the fields of ServerConfig and BatcherConfig."""
-    parser = argparse.ArgumentParser(prog="sdce-surrogate-server", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="Hub name or local directory of a causal LM")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0: all; mind --auth_token_file)")
-    parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
-    parser.add_argument("--http_port", type=int, default=8080, help="HTTP port (0: any free port)")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda:1', ...")
-    parser.add_argument("--dtype", default="auto", help="'auto' (bfloat16 on cuda), bfloat16, float16, float32")
-    parser.add_argument("--chunk_tokens", type=int, default=1024, help="positions per lm_head/top-k block")
-    parser.add_argument("--auth_token_file", default=None, help=f"file holding the shared secret (else ${TOKEN_ENV})")
-    parser.add_argument("--grace_s", type=float, default=30.0, help="SIGTERM: how long in-flight requests may take")
-    parser.add_argument("--trust_remote_code", action="store_true", help="allow the model's own code from the Hub")
-    parser.add_argument("--log_level", default="INFO", help="logging level on stderr")
-    _add_config_flags(parser, ServerConfig)
-    _add_config_flags(parser, BatcherConfig)
-    return parser
+    return config_cli.build_parser(SECTIONS, prog="sdce-surrogate-server", description=__doc__.split("\n\n")[0])
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of dataclass ``cls`` with a help text (nested dataclasses and cli=False skipped)."""
-    for f in dataclasses.fields(cls):
-        if "help" not in f.metadata:
-            continue
-        if isinstance(f.default, bool):
-            flag = f"--{f.name}" if not f.default else f"--no_{f.name}"
-            parser.add_argument(flag, dest=f.name, action="store_false" if f.default else "store_true",
-                                help=f.metadata["help"])
-        else:
-            kind = str if f.default is None else type(f.default)
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
-
-
-def _pick(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if "help" in f.metadata}
-
-
-def read_token(path: str | None) -> str | None:
-    """The shared secret from ``path``, else from $SDCE_SURROGATE_TOKEN; None when neither is set."""
-    if path is not None:
-        with open(path) as file:
-            token = file.read().strip()
-        if not token:
-            raise ValueError(f"--auth_token_file {path} is empty; put the shared secret in it")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
+def parse_args(argv: Sequence[str] | None = None) -> tuple[LaunchConfig, ServerConfig]:
+    """The launch settings and the server's config (its token read, its batcher set) from the command line."""
+    parser = build_parser()
+    overrides, _ = config_cli.parse_overrides(parser, argv)
+    try:
+        built = config_cli.build_sections(SECTIONS, overrides)
+        launch = built["launch"]
+        config = dataclasses.replace(built["server"], auth_token=read_token(launch.auth_token_file),
+                                     model_id=launch.model, batcher=built["batcher"])
+    except ValueError as err:
+        parser.error(str(err))
+    return launch, config
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    launch, config = parse_args(argv)
+    logging.basicConfig(level=launch.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = ServerConfig(**_pick(ServerConfig, args), auth_token=read_token(args.auth_token_file),
-                              model_id=args.model, batcher=BatcherConfig(**_pick(BatcherConfig, args)))
-    except (ValueError, OSError) as err:
-        print(f"sdce-surrogate-server: error: {err}", file=sys.stderr)
-        return 2
     from surrogate_server.engine import SurrogateEngine  # imported late: torch + transformers take seconds
 
-    engine = SurrogateEngine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                             chunk_tokens=args.chunk_tokens, trust_remote_code=args.trust_remote_code)
-    log.info("loaded %s; auth %s, tls %s", engine.describe(), "on" if config.auth_token else "off",
+    engine = SurrogateEngine.from_pretrained(launch.model, device=launch.device, dtype=launch.dtype,
+                                             chunk_tokens=launch.chunk_tokens,
+                                             trust_remote_code=launch.trust_remote_code)
+    log.info("loaded %s; auth %s, tls %s", engine.info(), "on" if config.auth_token else "off",
              "on" if config.tls_cert else "off")
-    return asyncio.run(serve(engine, config, host=args.host, port=args.port, http_port=args.http_port,
-                             grace_s=args.grace_s))
+    return asyncio.run(serve(engine, config, host=launch.host, port=launch.port, http_port=launch.http_port,
+                             grace_s=launch.grace_s))
 
 
 async def serve(engine: Any, config: ServerConfig, *, host: str, port: int, http_port: int, grace_s: float) -> int:
     """Run gRPC and HTTP on this event loop until SIGTERM/SIGINT, then drain; returns the exit code."""
     from surrogate_server.http import build_app
-    from surrogate_server.server import SurrogateService, create_server
+    from surrogate_server.server import ServingCore, create_server
 
-    service = SurrogateService(engine, config)
+    service = ServingCore(engine, config)
     grpc_server, grpc_port = create_server(service, host=host, port=port)
     http_socket = _bind(host, http_port)
     http = _EmbeddedUvicorn(uvicorn.Config(

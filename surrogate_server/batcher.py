@@ -6,7 +6,7 @@ rounded up to ``length_bucket``) and waits until the bucket holds ``max_batch_to
 padded tokens or the oldest job has waited ``max_wait_ms``. It then runs one forward in a
 worker thread (one forward at a time), padded to the longest job of the batch, with the
 largest k of the batch, and splits the result back: each job gets its own rows, its own
-length, its own first k slots and its own floor. A batch that fails is retried job by
+length and its own first k slots. A batch that fails is retried job by
 job, so an error lands only on the job that causes it. Requests that arrive during a
 forward wait for the next one, so with ``max_wait_ms = 0`` batches still form under load.
 
@@ -18,7 +18,6 @@ forward wait for the next one, so with ``max_wait_ms = 0`` batches still form un
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,7 +29,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from surrogate_server.engine import TopK
+from surrogate_server.config_cli import option
+from surrogate_server.source import TopK
 
 TopKFn = Callable[[Tensor, Tensor, int, "Tensor | None"], TopK]
 """engine.topk(input_ids [B, T], attention_mask [B, T], k, permitted) -> TopK."""
@@ -54,18 +54,14 @@ class BatchObserver(Protocol):
 
 @dataclass
 class BatcherConfig:
-    """How forward batches are cut (each field is also a server CLI flag)."""
+    """How forward batches are cut (the options are also server CLI flags, section ``batcher``)."""
 
-    max_batch_tokens: int = field(default=8192, metadata={
-        "help": "padded tokens (rows x length) per forward batch; a larger request runs alone"})
-    max_wait_ms: float = field(default=5.0, metadata={
-        "help": "how long the oldest waiting request may wait for others to join its forward"})
-    max_queue: int = field(default=256, metadata={
-        "help": "requests waiting for a forward; more are refused with RESOURCE_EXHAUSTED"})
-    length_bucket: int = field(default=1, metadata={
-        "help": "sequence lengths rounded up to a multiple of this share a forward (1: equal lengths only)"})
-    batching: bool = field(default=True, metadata={
-        "help": "merge requests into shared forwards (off: one forward per request, a baseline)"})
+    max_batch_tokens: int = option(8192, "Padded tokens (rows x length) per forward; a larger request runs alone.")
+    max_wait_ms: float = option(5.0, "How long the oldest waiting request may wait for others to join its forward.")
+    max_queue: int = option(256, "Requests waiting for a forward; more are refused with RESOURCE_EXHAUSTED.")
+    length_bucket: int = option(
+        1, "Sequence lengths rounded up to a multiple of this share a forward (1: equal lengths only).")
+    batching: bool = option(True, "Merge requests into shared forwards (off: one forward per request, a baseline).")
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_queue", "length_bucket"):
@@ -94,16 +90,15 @@ class Job:
     input_ids: Tensor  # [B, T] int64, CPU
     attention_mask: Tensor  # [B, T] int64, CPU
     k: int
-    floor: float | None = None
     permitted_key: str = ""  # the bucket key of `permitted`; "" = whole vocabulary
     permitted: Tensor | None = None  # bool [<= V]
     future: asyncio.Future[Result] | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def make(cls, input_ids: Tensor, attention_mask: Tensor, k: int, floor: float | None = None,
-             permitted_key: str = "", permitted: Tensor | None = None) -> Job:
-        return cls(input_ids.long(), attention_mask.long(), k, floor, permitted_key, permitted)
+    def make(cls, input_ids: Tensor, attention_mask: Tensor, k: int, permitted_key: str = "",
+             permitted: Tensor | None = None) -> Job:
+        return cls(input_ids.long(), attention_mask.long(), k, permitted_key, permitted)
 
     @property
     def rows(self) -> int:
@@ -241,9 +236,6 @@ class DynamicBatcher:
             logprobs = out.logprobs[row:row + job.rows, :job.length, :job.k]
             ids = out.ids[row:row + job.rows, :job.length, :job.k]
             row += job.rows
-            if job.floor is not None:
-                below = logprobs < job.floor
-                logprobs, ids = logprobs.masked_fill(below, -math.inf), ids.masked_fill(below, -1)
             if not job.future.done():
                 job.future.set_result(Result(logprobs, ids, queue_ms=(started - job.enqueued) * 1000,
                                              compute_ms=compute_s * 1000, batch_requests=len(batch),

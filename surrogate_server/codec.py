@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
+from surrogate_server.vocabulary import VocabularySpec
 
 # Wire dtype -> little-endian numpy dtype. BFLOAT16 has no numpy type: it travels as its
 # 16 raw bits and unpacks to float32 (exact) or to torch.bfloat16.
@@ -174,6 +175,17 @@ def decode_topk(counts: pb.Tensor, ids: pb.Tensor, logprobs: pb.Tensor, k: int) 
     out_logprobs[filled] = flat_logprobs
     out_ids[filled] = flat_ids
     return torch.from_numpy(out_logprobs), torch.from_numpy(out_ids)
+
+
+def encode_vocabulary(spec: VocabularySpec) -> pb.Vocabulary:
+    return pb.Vocabulary(tokens=spec.tokens, family=spec.family, special_tokens=spec.special_tokens,
+                         control_ids=spec.control_ids)
+
+
+def decode_vocabulary(message: pb.Vocabulary) -> VocabularySpec:
+    """Inverse of :func:`encode_vocabulary`; ValueError for an unknown family or role."""
+    return VocabularySpec(tokens=list(message.tokens), family=message.family,
+                          special_tokens=dict(message.special_tokens), control_ids=list(message.control_ids))
 
 
 def _numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -1,14 +1,14 @@
 """The surrogate engine: per-position top-k surrogate log-probs over a permitted vocabulary.
 
-One component computes SDCE guidance (SDCE.md §2, §3, §6) both in the trainer's
-process and inside the surrogate server. It runs the surrogate's decoder once over a
+One component computes SDCE guidance (docs/method.md §6) both in the trainer's
+process and inside the surrogate server; it implements ``SurrogateSource``. It runs the surrogate's decoder once over a
 batch, then the lm_head, an fp32 log-softmax over the *full* vocabulary and a top-k
 over the permitted ids, chunk by chunk, so the full ``[B, T, V]`` logits never exist.
 
 Usage::
 
     engine = SurrogateEngine.from_pretrained("Qwen/Qwen3-0.6B")
-    out = engine.topk(input_ids, attention_mask, k=31, permitted=permitted)
+    out = engine.topk(input_ids, attention_mask, k=31, permitted=permitted)   # a TopK
     out.logprobs  # [B, T, 31] float32, descending, -inf in empty slots
     out.ids       # [B, T, 31] int64 surrogate ids, -1 in empty slots
 """
@@ -16,39 +16,28 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import threading
-from dataclasses import dataclass
+import time
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from surrogate_server.source import SurrogateInfo, TopK, resolve_dtype
 from surrogate_server.vocabulary import VocabularySpec, vocabulary_spec
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+log = logging.getLogger(__name__)
 # Config fields that change logits after the lm_head in some architectures and that the
 # engine does not reproduce; named in the error when the self-check fails.
 _LOGIT_MODIFIERS = ("logit_scale", "logits_scaling", "output_multiplier", "logits_soft_cap", "dim_model_base")
 
 
-@dataclass
-class TopK:
-    """Top-k surrogate guidance for a batch.
-
-    Attributes:
-        logprobs: [B, T, k] float32 log-probs normalised over the full surrogate
-            vocabulary, descending along the last axis; -inf in empty slots.
-        ids: [B, T, k] int64 surrogate token ids; -1 in empty slots.
-    """
-
-    logprobs: Tensor
-    ids: Tensor
-
-
 class SurrogateEngine:
-    """Wraps a causal LM and answers :meth:`topk` queries, one call at a time.
+    """Wraps a causal LM and answers :meth:`topk` queries, one call at a time (a ``SurrogateSource``).
 
     Memory: besides the decoder's activations for the batch, at most one block of
     ``chunk_tokens x V`` logits exists at a time: ``chunk_tokens * V * 4`` bytes of fp32
@@ -58,13 +47,18 @@ class SurrogateEngine:
 
     Outputs stay on the engine's device (``self.device``); the caller moves them.
     Positions are aligned 1:1 with the input (position ids are ``0..T-1`` whatever the
-    mask), as SDCE §2 requires.
+    mask), as docs/method.md §2 requires.
+
+    On a lazy device (XLA) nothing in :meth:`topk` reads the device: only the static
+    argument checks run, the attention mask is built on the device, and ``torch.no_grad``
+    stands in for inference mode (lazy tensors cannot be inference tensors). Get such an
+    engine with :meth:`to`, which checks it against this one.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: Any = None, *, chunk_tokens: int = 1024) -> None:
         """Args:
         model: a causal LM (``...ForCausalLM``); put in eval mode, gradients off.
-        tokenizer: the surrogate's tokenizer; needed only by :meth:`vocabulary_spec`.
+        tokenizer: the surrogate's tokenizer; needed only by :meth:`vocabulary`.
         chunk_tokens: flattened positions per lm_head/log-softmax/top-k block.
         """
         if chunk_tokens < 1:
@@ -81,16 +75,21 @@ class SurrogateEngine:
         self.vocab_size: int = self._lm_head.weight.shape[0]
         self.device: torch.device = self._lm_head.weight.device
         self.dtype: torch.dtype = self._lm_head.weight.dtype
+        self.lazy = self.device.type == "xla"
+        if self.lazy:
+            self._decoder = _BoolMaskDecoder(self._decoder)
         self._lock = threading.Lock()
-        self._vocabulary_spec: Any = None
-        self._check_logits_match_model()
+        self._vocabulary: VocabularySpec | None = None
+        self._requests, self._seconds = 0, 0.0
+        if not self.lazy:  # a lazy engine comes from to(), which compares it with a checked one
+            self._check_logits_match_model()
 
     @classmethod
     def from_pretrained(
         cls,
         name_or_path: str,
         *,
-        device: str = "auto",
+        device: str | torch.device = "auto",
         dtype: str = "auto",
         chunk_tokens: int = 1024,
         attn_implementation: str = "sdpa",
@@ -99,19 +98,23 @@ class SurrogateEngine:
         """Load model and tokenizer from a Hub name or a local directory.
 
         Args:
-            device: "auto" (cuda if available, else cpu) or any torch device string.
+            device: "auto" (cuda if available, else cpu) or any torch device. A lazy
+                device (XLA) gets a model loaded and checked on the CPU, then moved (:meth:`to`).
             dtype: "auto" (bfloat16 on cuda, float32 otherwise), "bfloat16", "float16", "float32".
         """
-        torch_device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        torch_dtype = _resolve_dtype(dtype, torch_device)
+        target = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        torch_dtype = resolve_dtype(dtype, target)
         with explain_load_errors(name_or_path, "model"):
             model = AutoModelForCausalLM.from_pretrained(
                 name_or_path, dtype=torch_dtype, attn_implementation=attn_implementation,
                 trust_remote_code=trust_remote_code)
         with explain_load_errors(name_or_path, "tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        return cls(model.to(torch_device), tokenizer, chunk_tokens=chunk_tokens)
+        if target.type == "xla":
+            return cls(model, tokenizer, chunk_tokens=chunk_tokens).to(target)
+        return cls(model.to(target), tokenizer, chunk_tokens=chunk_tokens)
 
+    # -- the SurrogateSource protocol ------------------------------------------------------
     def topk(
         self,
         input_ids: Tensor,
@@ -125,11 +128,11 @@ class SurrogateEngine:
         Args:
             input_ids: [B, T] surrogate ids in [0, vocab_size), placeholders included.
             attention_mask: [B, T], 1 = real token, 0 = placeholder nobody attends to
-                (zeros may sit anywhere, SDCE §2).
+                (zeros may sit anywhere, docs/method.md §2).
             k: slots per position (>= 1). Slots beyond the number of permitted ids are empty.
             permitted: bool [<= vocab_size]; ids at or beyond its length are not
                 permitted. None permits every id.
-            logprob_floor: entries with log-prob below it become empty.
+            logprob_floor: ignored: nothing travels, and the caller selects candidates itself.
 
         Returns:
             TopK on ``self.device``. A position whose query attends to no key (every
@@ -137,38 +140,87 @@ class SurrogateEngine:
             non-finite, is an empty row.
         """
         self._validate(input_ids, attention_mask, k, permitted)
+        started = time.perf_counter()
         with self._lock:
-            out = self._topk(input_ids, attention_mask, k, permitted, logprob_floor)
+            out = self._topk(input_ids, attention_mask, k, permitted)
+            self._requests += 1
+            self._seconds += time.perf_counter() - started
         # Inference tensors cannot be saved for backward: clone outside inference mode so
         # the trainer can use them in its loss graph (cost: B*T*k elements).
         return TopK(logprobs=out.logprobs.clone(), ids=out.ids.clone())
 
-    def vocabulary_spec(self) -> Any:
-        """The tokenizer's vocabulary spec (``surrogate_server.vocabulary``), computed once."""
+    def vocabulary(self) -> VocabularySpec:
+        """The tokenizer's vocabulary spec, computed once."""
         if self.tokenizer is None:
             raise ValueError("this engine has no tokenizer; pass one to SurrogateEngine(model, tokenizer)")
-        if self._vocabulary_spec is None:
-            self._vocabulary_spec = vocabulary_spec(self.tokenizer)
-        return self._vocabulary_spec
+        if self._vocabulary is None:
+            self._vocabulary = vocabulary_spec(self.tokenizer)
+        return self._vocabulary
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-friendly summary of the loaded surrogate."""
+    def info(self) -> SurrogateInfo:
         config = self.model.config
-        return {
-            "model": getattr(config, "_name_or_path", "") or type(self.model).__name__,
-            "architecture": type(self.model).__name__,
-            "vocab_size": self.vocab_size,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-            "num_parameters": sum(p.numel() for p in self.model.parameters()),
-            "chunk_tokens": self.chunk_tokens,
-            "attn_implementation": getattr(config, "_attn_implementation", None),
-        }
+        return SurrogateInfo(
+            model_id=getattr(config, "_name_or_path", "") or type(self.model).__name__,
+            vocab_size=self.vocab_size,
+            vocabulary_fingerprint=self.vocabulary().fingerprint() if self.tokenizer is not None else "",
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+        )
 
-    @torch.inference_mode()
-    def _topk(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None,
-              logprob_floor: float | None) -> TopK:
+    def stats(self) -> dict[str, float]:
+        """Forwards since the previous call and their mean time (on a lazy device: the time to trace them)."""
+        with self._lock:
+            requests, seconds, self._requests, self._seconds = self._requests, self._seconds, 0, 0.0
+        stats = {"guidance_requests": float(requests)}
+        if requests:
+            stats["guidance_latency_ms_mean"] = 1e3 * seconds / requests
+        return stats
+
+    def healthy(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Nothing to release: the model goes with the engine."""
+
+    # -- placement ---------------------------------------------------------------------------
+    def to(self, device: torch.device | str, *, atol: float | None = None) -> SurrogateEngine:
+        """This engine's model on ``device`` (the model moves: use the engine returned), checked there.
+
+        Checks, each a ValueError that names what is wrong: every weight is finite, and
+        the top-k log-probs of a short probe forward agree on both devices (within
+        ``atol``; default 1e-3, 5e-2 in bf16). Tied weights are tied again after the move
+        (moving to XLA gives every module a new Parameter).
+        """
+        for name, param in self.model.named_parameters():
+            if not torch.isfinite(param).all():
+                raise ValueError(f"the surrogate's weight {name} holds NaN or inf values: it cannot guide "
+                                 "training; check the checkpoint")
+        probe = torch.arange(32).remainder(self.vocab_size).view(2, 16)
+        probe_mask = torch.ones_like(probe).index_fill_(1, torch.tensor([0, 5, 6]), 0)  # masked keys and rows
+        expected = self.topk(probe, probe_mask, 8).logprobs.cpu()
+        model = self.model.to(device)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        moved = SurrogateEngine(model, self.tokenizer, chunk_tokens=self.chunk_tokens)
+        got = moved.topk(probe.to(moved.device), probe_mask.to(moved.device), 8).logprobs.cpu()
+        tolerance = atol if atol is not None else (5e-2 if moved.dtype == torch.bfloat16 else 1e-3)
+        finite = torch.isfinite(expected)
+        gap = (expected[finite] - got[finite]).abs().max().item() if finite.any() else 0.0
+        if not torch.equal(finite, torch.isfinite(got)) or not math.isfinite(gap) or gap > tolerance:
+            raise ValueError(f"the surrogate's top-k log-probs on {moved.device} differ from {self.device}'s by up "
+                             f"to {gap:.3g} (tolerance {tolerance:g}): this model does not run correctly there; "
+                             "use a surrogate server")
+        log.info("surrogate validated for %s: finite weights, probe top-k within %.2g of %s", moved.device, gap,
+                 self.device)
+        return moved
+
+    # -- the computation ---------------------------------------------------------------------
+    def _topk(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> TopK:
         """The computation behind :meth:`topk`, on validated inputs."""
+        with torch.no_grad() if self.lazy else torch.inference_mode():
+            return self._compute_topk(input_ids, attention_mask, k, permitted)
+
+    def _compute_topk(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> TopK:
         batch, length = input_ids.shape
         if batch * length == 0:
             return TopK(logprobs=torch.full((batch, length, k), float("-inf"), device=self.device),
@@ -184,7 +236,7 @@ class SurrogateEngine:
         values = torch.cat([v for v, _ in blocks]).view(batch, length, k_eff)
         ids = torch.cat([i for _, i in blocks]).view(batch, length, k_eff)
         attends_to_nothing = attention_mask.cumsum(dim=-1) == 0  # [B, T]
-        return _empty_where_invalid(values, ids, attends_to_nothing, logprob_floor, k)
+        return _empty_where_invalid(values, ids, attends_to_nothing, k)
 
     def _block_topk(self, hidden: Tensor, forbidden: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
         """[n, H] hidden states -> ([n, k] float32 log-probs, [n, k] int64 ids).
@@ -212,7 +264,10 @@ class SurrogateEngine:
         return full
 
     def _validate(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> None:
-        """Raise ValueError naming the first problem with the arguments of :meth:`topk`."""
+        """Raise ValueError naming the first problem with the arguments of :meth:`topk`.
+
+        On a lazy device only the checks that need no device read run.
+        """
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         if input_ids.dim() != 2:
@@ -222,15 +277,17 @@ class SurrogateEngine:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} "
                              f"must equal input_ids shape {tuple(input_ids.shape)}")
+        if permitted is not None and (permitted.dtype != torch.bool or permitted.dim() != 1
+                                      or permitted.shape[0] > self.vocab_size):
+            raise ValueError(f"permitted must be a 1-D bool tensor of length <= {self.vocab_size}, "
+                             f"got {permitted.dtype} of shape {tuple(permitted.shape)}")
+        if self.lazy:
+            return
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
             raise ValueError(f"input_ids must lie in [0, {self.vocab_size}) (the surrogate vocabulary), got values "
                              f"in [{int(input_ids.min())}, {int(input_ids.max())}]; give placeholders a valid id")
         if ((attention_mask != 0) & (attention_mask != 1)).any():
             raise ValueError("attention_mask must hold only 0 and 1")
-        if permitted is not None and (permitted.dtype != torch.bool or permitted.dim() != 1
-                                      or permitted.shape[0] > self.vocab_size):
-            raise ValueError(f"permitted must be a 1-D bool tensor of length <= {self.vocab_size}, "
-                             f"got {permitted.dtype} of shape {tuple(permitted.shape)}")
 
     def _check_logits_match_model(self) -> None:
         """Check on a tiny probe that decoder + lm_head (+ softcap) reproduce model(...).logits.
@@ -250,15 +307,38 @@ class SurrogateEngine:
                              "use a surrogate architecture such as Llama, Qwen2/3, Gemma or GPT-2")
 
 
-def _empty_where_invalid(values: Tensor, ids: Tensor, empty_rows: Tensor, floor: float | None, k: int) -> TopK:
-    """Blank non-finite, below-floor and ``empty_rows`` entries; pad the last axis to k.
+class _BoolMaskDecoder(nn.Module):
+    """Gives the decoder a ready [B, 1, T, T] boolean mask, built on the device (lazy devices).
+
+    With a 2-D mask transformers checks on the host whether it is all ones (a device
+    read mid-step on XLA, and a different graph when it is). A position with no key to
+    attend to attends to itself, so its output stays finite (the engine blanks it) and
+    no NaN reaches other positions through its keys and values.
+    """
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
+        length = input_ids.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        itself = torch.eye(length, dtype=torch.bool, device=input_ids.device)
+        allowed = causal & attention_mask.bool()[:, None, None, :]
+        mask = allowed | (itself & ~allowed.any(-1, keepdim=True))
+        return self.decoder(input_ids=input_ids, attention_mask=mask, **kwargs)
+
+
+def _empty_where_invalid(values: Tensor, ids: Tensor, empty_rows: Tensor, k: int) -> TopK:
+    """Blank non-finite and ``empty_rows`` entries; pad the last axis to k.
 
     values/ids: [B, T, k'] with k' <= k; empty_rows: bool [B, T].
     """
-    bad_rows = empty_rows | torch.isnan(values).any(-1) | (values == float("inf")).any(-1)  # isposinf falls back to the CPU on XLA
+    # == inf, not isposinf: that one falls back to the CPU on XLA.
+    bad_rows = empty_rows | torch.isnan(values).any(-1) | (values == float("inf")).any(-1)
     keep = torch.isfinite(values) & ~bad_rows.unsqueeze(-1)
-    if floor is not None:
-        keep &= values >= floor
     values = values.masked_fill(~keep, float("-inf"))
     ids = ids.masked_fill(~keep, -1)
     if values.shape[-1] < k:
@@ -266,15 +346,6 @@ def _empty_where_invalid(values: Tensor, ids: Tensor, empty_rows: Tensor, floor:
         values = nn.functional.pad(values, (0, pad), value=float("-inf"))
         ids = nn.functional.pad(ids, (0, pad), value=-1)
     return TopK(logprobs=values, ids=ids)
-
-
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto" -> bfloat16 on cuda, float32 elsewhere; otherwise a name from _DTYPES."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """HTTP side of the surrogate server: probes, Prometheus metrics and a msgpack top-k endpoint.
 
 Served by uvicorn in the same process and event loop as the gRPC server, over the same
-SurrogateService (same batcher: HTTP and gRPC requests share forward batches).
+ServingCore (same batcher: HTTP and gRPC requests share forward batches).
 
     GET  /healthz        200 while the process runs (open)
     GET  /readyz         200 when the model is loaded and the server is not draining, else 503 (open)
@@ -28,7 +28,6 @@ argument), 401 (auth), 404 (unknown permitted set), 413 (body over --max_message
 from __future__ import annotations
 
 import functools
-import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -41,7 +40,8 @@ from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
-from surrogate_server.server import TOKEN_ENV, ServiceError, SurrogateService
+from surrogate_server.auth import TOKEN_ENV, authorized
+from surrogate_server.server import ServiceError, ServingCore
 
 MSGPACK = "application/msgpack"
 _HTTP_STATUS = {
@@ -53,7 +53,7 @@ _TENSOR_KEYS = {"dtype", "shape", "data"}
 _REQUEST_TENSORS = {"topk": ("input_ids", "attention_mask"), "permitted": ("mask",)}
 
 
-def build_app(state: SurrogateService) -> FastAPI:
+def build_app(state: ServingCore) -> FastAPI:
     """The FastAPI app over ``state``; its lifespan starts the service and, at shutdown, drains it."""
 
     @asynccontextmanager
@@ -158,7 +158,7 @@ def _decode_body(body: bytes, kind: str) -> dict[str, Any]:
     return {key: item for key, item in value.items() if item is not None}
 
 
-async def _body(request: Request, state: SurrogateService) -> bytes:
+async def _body(request: Request, state: ServingCore) -> bytes:
     """The request body, refused with 413 beyond the message limit."""
     limit = state.config.max_message_bytes
     declared = request.headers.get("content-length")
@@ -181,12 +181,11 @@ def _too_large(size: int, limit: int) -> ServiceError:
                      "limit (--max_message_mb); send smaller batches")
 
 
-async def _check_token(state: SurrogateService, request: Request) -> None:
+async def _check_token(state: ServingCore, request: Request) -> None:
     token = state.config.auth_token
     if token is None:
         return
-    given = request.headers.get("authorization", "").encode()
-    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+    if not authorized(request.headers.get("authorization"), token):
         state.metrics.observe_call(f"HTTP {request.url.path}", grpc.StatusCode.UNAUTHENTICATED, 0.0)
         raise ServiceError(grpc.StatusCode.UNAUTHENTICATED,
                            f"missing or wrong auth token: send 'Authorization: Bearer <token>' with the server's "

@@ -1,15 +1,15 @@
 """The surrogate gRPC server (protos/sdce/surrogate/v1/surrogate.proto) and its shared core.
 
-    service = SurrogateService(engine, ServerConfig(max_k=64))
-    server, port = create_server(service, host="127.0.0.1", port=0)
-    await service.start()          # health SERVING
+    core = ServingCore(engine, ServerConfig(max_k=64))
+    server, port = create_server(core, host="127.0.0.1", port=0)
+    await core.start()             # health SERVING
     await server.start()
     ...
-    await service.start_draining() # health NOT_SERVING, open streams end after their in-flight work
+    await core.start_draining()    # health NOT_SERVING, open streams end after their in-flight work
     await server.stop(grace=30)    # refuse new RPCs, finish in-flight ones
-    await service.close()
+    await core.close()
 
-``SurrogateService`` holds what gRPC and HTTP (``surrogate_server.http``) share: the
+``ServingCore`` holds what the gRPC edge (``GrpcEdge``) and the HTTP edge (``surrogate_server.http``) share: the
 engine, the dynamic batcher, the registered permitted sets, request validation, health
 and the per-instance Prometheus metrics. Every user error is a :class:`ServiceError`
 with a status code and a message saying what to change; the edges map it to a gRPC
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import inspect
-import json
 import logging
 import math
 import time
@@ -47,8 +45,11 @@ from torch import Tensor
 from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
 from protos.sdce.surrogate.v1 import surrogate_pb2_grpc as pb_grpc
 from surrogate_server import codec
+from surrogate_server.auth import TOKEN_ENV, authorized
 from surrogate_server.batcher import BatcherConfig, Closed, DynamicBatcher, Job, QueueFull
+from surrogate_server.config_cli import option
 from surrogate_server.engine import SurrogateEngine
+from surrogate_server.source import TopK
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,26 +57,24 @@ T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Surrogate"].full_name  # "sdce.surrogate.v1.Surrogate"
 PROTOCOL_VERSION = 1
 SERVER_VERSION = "0.1.0"
-TOKEN_ENV = "SDCE_SURROGATE_TOKEN"
 _OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 @dataclass
 class ServerConfig:
-    """Limits and security of one server (each field without ``cli: False`` is a CLI flag)."""
+    """Limits and security of one server (the options are also CLI flags, section ``server``)."""
 
-    max_k: int = field(default=64, metadata={"help": "largest k a request may ask for"})
-    max_tokens_per_request: int = field(default=16384, metadata={
-        "help": "largest B*T of one request; larger batches are refused with INVALID_ARGUMENT"})
-    max_permitted_sets: int = field(default=64, metadata={
-        "help": "permitted sets kept in memory; the least recently used is forgotten (clients re-register)"})
-    max_message_mb: float = field(default=64.0, metadata={
-        "help": "gRPC send/receive and HTTP body limit, MiB"})
-    tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate: serve gRPC and HTTP over TLS"})
-    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls_cert"})
-    auth_token: str | None = field(default=None, metadata={"cli": False})
+    max_k: int = option(64, "Largest k a request may ask for.")
+    max_tokens_per_request: int = option(
+        16384, "Largest B*T of one request; larger batches are refused with INVALID_ARGUMENT.")
+    max_permitted_sets: int = option(
+        64, "Permitted sets kept in memory; the least recently used is forgotten (clients re-register).")
+    max_message_mb: float = option(64.0, "gRPC send/receive and HTTP body limit, MiB.")
+    tls_cert: str | None = option(None, "PEM certificate: serve gRPC and HTTP over TLS.")
+    tls_key: str | None = option(None, "PEM private key of --tls_cert.")
+    auth_token: str | None = None
     """Shared secret every call must carry; None = no auth. Never a CLI flag (it would show in ps)."""
-    model_id: str = field(default="", metadata={"cli": False})
+    model_id: str = ""
     """The hub name or path reported by GetInfo; defaults to the model config's name."""
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
 
@@ -146,7 +145,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class SurrogateService:
+class ServingCore:
     """What the gRPC and HTTP edges share; see the module docstring."""
 
     def __init__(self, engine: SurrogateEngine, config: ServerConfig | None = None) -> None:
@@ -159,7 +158,7 @@ class SurrogateService:
         self.draining = False
         self._streams: set[asyncio.Task[None]] = set()  # stream readers, stopped when draining
         self._permitted: OrderedDict[str, tuple[Tensor, int]] = OrderedDict()
-        self._spec = engine.vocabulary_spec() if engine.tokenizer is not None else None
+        self._spec = engine.vocabulary() if engine.tokenizer is not None else None
         text_config = engine.model.config.get_text_config()
         self._max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
         self._info = self._build_info()
@@ -215,7 +214,7 @@ class SurrogateService:
         if self._spec is None:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                "this server's model was loaded without a tokenizer; it has no vocabulary to send")
-        return pb.VocabularyResponse(spec_json=json.dumps(self._spec.to_dict(), ensure_ascii=False),
+        return pb.VocabularyResponse(spec_json=self._spec.to_json(), vocabulary=codec.encode_vocabulary(self._spec),
                                      fingerprint=self._info.vocabulary_fingerprint)
 
     def register_permitted(self, request: pb.RegisterPermittedRequest) -> pb.RegisterPermittedResponse:
@@ -249,7 +248,8 @@ class SurrogateService:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from err
         except Closed as err:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, str(err)) from err
-        counts, ids, logprobs = codec.encode_topk(result.logprobs, result.ids)
+        floor = request.logprob_floor if request.HasField("logprob_floor") else None
+        counts, ids, logprobs = codec.encode_topk(result.logprobs, result.ids, floor=floor)
         self.metrics.tokens.inc(job.input_ids.numel())
         self.metrics.queue_seconds.observe(result.queue_ms / 1000)
         self.metrics.compute_seconds.observe(result.compute_ms / 1000)
@@ -286,8 +286,7 @@ class SurrogateService:
             mask = np.ones(ids.shape, np.int64)
         if not 1 <= request.k <= self.config.max_k:
             raise invalid(f"k must be in [1, max_k = {self.config.max_k}], got {request.k}")
-        floor = request.logprob_floor if request.HasField("logprob_floor") else None
-        if floor is not None and math.isnan(floor):
+        if request.HasField("logprob_floor") and math.isnan(request.logprob_floor):
             raise invalid("logprob_floor is NaN; send a log-probability such as log(0.02), or leave it unset")
         permitted = None
         if request.permitted_id:
@@ -299,22 +298,20 @@ class SurrogateService:
             self._permitted.move_to_end(request.permitted_id)
             permitted = entry[0]
         return Job.make(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)),
-                        request.k, floor, request.permitted_id, permitted)
+                        request.k, request.permitted_id, permitted)
 
-    def _forward(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> Any:
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> TopK:
         return self.engine.topk(input_ids, attention_mask, k, permitted)
 
     def _build_info(self) -> pb.InfoResponse:
-        described = self.engine.describe()
-        spec, tokenizer = self._spec, self.engine.tokenizer
+        info, spec, tokenizer = self.engine.info(), self._spec, self.engine.tokenizer
         return pb.InfoResponse(
             protocol_version=PROTOCOL_VERSION, server_version=SERVER_VERSION,
-            model_id=self.config.model_id or described["model"], vocab_size=self.engine.vocab_size,
+            model_id=self.config.model_id or info.model_id, vocab_size=info.vocab_size,
             tokenizer_size=len(tokenizer) if tokenizer is not None else 0,
             tokenizer_family=spec.family if spec else "", special_tokens=spec.special_tokens if spec else {},
-            vocabulary_fingerprint=spec.fingerprint() if spec else "", max_k=self.config.max_k,
-            max_tokens_per_request=self.config.max_tokens_per_request, dtype=described["dtype"],
-            device=described["device"])
+            vocabulary_fingerprint=info.vocabulary_fingerprint, max_k=self.config.max_k,
+            max_tokens_per_request=self.config.max_tokens_per_request, dtype=info.dtype, device=info.device)
 
 
 def _unpack(message: pb.Tensor, name: str, **kwargs: Any) -> np.ndarray:
@@ -325,26 +322,26 @@ def _unpack(message: pb.Tensor, name: str, **kwargs: Any) -> np.ndarray:
         raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from err
 
 
-class SurrogateServicer(pb_grpc.SurrogateServicer):
-    """The gRPC edge: SurrogateService calls, ServiceError -> status (or error_code on the stream)."""
+class GrpcEdge(pb_grpc.SurrogateServicer):
+    """The gRPC edge: ServingCore calls, ServiceError -> status (or error_code on the stream)."""
 
-    def __init__(self, service: SurrogateService) -> None:
-        self._service = service
+    def __init__(self, core: ServingCore) -> None:
+        self._core = core
 
     async def GetInfo(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        return await self._unary(context, "GetInfo", self._service.info)
+        return await self._unary(context, "GetInfo", self._core.info)
 
     async def GetVocabulary(self, request: pb.VocabularyRequest,
                             context: grpc.aio.ServicerContext) -> pb.VocabularyResponse:
-        return await self._unary(context, "GetVocabulary", self._service.vocabulary)
+        return await self._unary(context, "GetVocabulary", self._core.vocabulary)
 
     async def RegisterPermitted(self, request: pb.RegisterPermittedRequest,
                                 context: grpc.aio.ServicerContext) -> pb.RegisterPermittedResponse:
         return await self._unary(context, "RegisterPermitted",
-                                 functools.partial(self._service.register_permitted, request))
+                                 functools.partial(self._core.register_permitted, request))
 
     async def TopK(self, request: pb.TopKRequest, context: grpc.aio.ServicerContext) -> pb.TopKResponse:
-        return await self._unary(context, "TopK", functools.partial(self._service.topk, request))
+        return await self._unary(context, "TopK", functools.partial(self._core.topk, request))
 
     async def TopKStream(self, request_iterator: AsyncIterator[pb.TopKRequest],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TopKResponse]:
@@ -369,8 +366,8 @@ class SurrogateServicer(pb_grpc.SurrogateServicer):
                 responses.put_nowait(None)
 
         reader = asyncio.create_task(read())
-        self._service._streams.add(reader)
-        reader.add_done_callback(self._service._streams.discard)
+        self._core._streams.add(reader)
+        reader.add_done_callback(self._core._streams.discard)
         try:
             while (response := await responses.get()) is not None:
                 yield response
@@ -381,14 +378,14 @@ class SurrogateServicer(pb_grpc.SurrogateServicer):
 
     async def _stream_item(self, request: pb.TopKRequest) -> pb.TopKResponse:
         try:
-            return await self._service.call("TopKStream", functools.partial(self._service.topk, request))
+            return await self._core.call("TopKStream", functools.partial(self._core.topk, request))
         except ServiceError as err:
             return pb.TopKResponse(request_id=request.request_id, error_code=err.code.value[0],
                                    error_message=err.message)
 
     async def _unary(self, context: grpc.aio.ServicerContext, rpc: str, fn: Callable[[], Any]) -> Any:
         try:
-            return await self._service.call(rpc, fn)
+            return await self._core.call(rpc, fn)
         except ServiceError as err:
             await context.abort(err.code, err.message)
 
@@ -397,7 +394,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every RPC without ``authorization: Bearer <token>`` (health checks excepted)."""
 
     def __init__(self, token: str, metrics: Metrics | None = None) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
         self._metrics = metrics
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -411,8 +408,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 
     def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
         values = [value for key, value in details.invocation_metadata or () if key == "authorization"]
-        given = values[0].encode() if values and isinstance(values[0], str) else b""
-        return hmac.compare_digest(given, self._expected)
+        return authorized(values[0] if values and isinstance(values[0], str) else None, self._token)
 
 
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -433,34 +429,34 @@ def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(refuse, **serde)
 
 
-def create_server(engine: SurrogateEngine | SurrogateService, *, host: str = "127.0.0.1", port: int = 0,
+def create_server(engine: SurrogateEngine | ServingCore, *, host: str = "127.0.0.1", port: int = 0,
                   config: ServerConfig | None = None) -> tuple[grpc.aio.Server, int]:
     """Build (not start) a grpc.aio server with the Surrogate service, health and reflection.
 
     Args:
-        engine: the engine to serve, or a SurrogateService around it (to share it with the HTTP app).
+        engine: the engine to serve, or a ServingCore around it (to share it with the HTTP app).
         host: interface to bind; 127.0.0.1 unless the server must be reachable from other hosts.
         port: 0 picks a free port.
-        config: limits, auth and TLS; only with an engine (a service carries its own).
+        config: limits, auth and TLS; only with an engine (a core carries its own).
 
     Returns:
-        The server and the port it is bound to. Call ``await service.start()`` and
+        The server and the port it is bound to. Call ``await core.start()`` and
         ``await server.start()`` from the event loop that will run it.
     """
-    if isinstance(engine, SurrogateService):
+    if isinstance(engine, ServingCore):
         if config is not None:
-            raise ValueError("pass config to SurrogateService(engine, config), not with a service")
-        service = engine
+            raise ValueError("pass config to ServingCore(engine, config), not with a core")
+        core = engine
     else:
-        service = SurrogateService(engine, config)
-    config = service.config
+        core = ServingCore(engine, config)
+    config = core.config
     limit = config.max_message_bytes
-    interceptors = [TokenInterceptor(config.auth_token, service.metrics)] if config.auth_token else []
+    interceptors = [TokenInterceptor(config.auth_token, core.metrics)] if config.auth_token else []
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0)])
-    pb_grpc.add_SurrogateServicer_to_server(SurrogateServicer(service), server)
-    health_pb2_grpc.add_HealthServicer_to_server(service.health, server)
+    pb_grpc.add_SurrogateServicer_to_server(GrpcEdge(core), server)
+    health_pb2_grpc.add_HealthServicer_to_server(core.health, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -71,6 +71,13 @@ class VocabularySpec:
             control_ids=[int(i) for i in d["control_ids"]],
         )
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> VocabularySpec:
+        return cls.from_dict(json.loads(text))
+
     def fingerprint(self) -> str:
         """sha256 hex digest of the canonical JSON encoding; equal specs give equal fingerprints."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)

@@ -39,7 +39,7 @@ class VocabAlignment:
 
     @property
     def permitted(self) -> torch.Tensor:
-        """BoolTensor [V_s]: surrogate ids the base can stand for (the set P of SDCE.md §1)."""
+        """BoolTensor [V_s]: surrogate ids the base can stand for (the set P of docs/method.md §1)."""
         return self.surrogate_to_base != -1
 
     def to(self, device: torch.device | str) -> VocabAlignment:
@@ -126,7 +126,7 @@ def _byte_pairs(base: VocabularySpec, surrogate: VocabularySpec) -> list[tuple[i
 def _representatives(spec: VocabularySpec) -> dict[bytes, int]:
     """bytes -> the id that represents them: the lowest regular piece, else the lowest byte-fallback piece.
 
-    SDCE.md §1 says "the lowest id"; in Llama-style vocabularies that would make the
+    A plain "lowest id" rule (docs/method.md §1) would make Llama-style vocabularies'
     <0xNN> pieces (ids 3-258) represent "a", ",", "▁" ... although the tokenizer
     always emits the regular piece, so surrogate inputs and candidates would lose
     the most common tokens. Byte-fallback pieces therefore only represent bytes

@@ -2,17 +2,18 @@
 
 Precedence: defaults < ``--config`` YAML < flags. Every config field is a flag:
 its flat name (the original README's, such as ``--base_model``, else the field's
-own name) and its dotted name (``--model.name_or_path``).
+own name) and its dotted name (``--model.name_or_path``); the conventions are
+``surrogate_server.config_cli``'s, which the surrogate server's command line shares.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
-from trainer.config import SECTIONS, TrainConfig, _unknown, build_config, field_types, load_yaml, merge
+from surrogate_server import config_cli
+from trainer.config import SECTIONS, TrainConfig, build_config
 
 USAGE_EXAMPLES = """\
 examples:
@@ -24,65 +25,28 @@ examples:
 """
 
 
-def _flags(section_name: str, fld: dataclasses.Field) -> list[str]:
-    """A field's flags: its declared flat names (else its own name), and always --section.name."""
-    names = fld.metadata.get("flags") or (fld.name,)
-    return [f"--{name}" for name in names] + [f"--{section_name}.{fld.name}"]
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = config_cli.build_parser(
+        SECTIONS,
         prog="train.py",
         usage="%(prog)s [--config FILE] [options]",
         description="Surrogate-guided cross-entropy (SDCE) training for causal language models.",
         epilog=USAGE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-        argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", help="YAML file with model/surrogate/data/training sections.")
     parser.add_argument(
         "--standard_training", action="store_true", help="Plain cross-entropy, no surrogate (= --loss_type standard)."
     )
-    for section_name, section in SECTIONS.items():
-        group = parser.add_argument_group(section_name, section.__doc__)
-        types = field_types(section)
-        for fld in dataclasses.fields(section):
-            kwargs: dict[str, Any] = {"dest": f"{section_name}.{fld.name}", "help": fld.metadata.get("help")}
-            if types[fld.name] is bool:
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["metavar"] = fld.name.upper()
-                if fld.metadata.get("choices"):
-                    kwargs["choices"] = fld.metadata["choices"]
-            group.add_argument(*_flags(section_name, fld), **kwargs)
     return parser
-
-
-def _known_flags(parser: argparse.ArgumentParser) -> list[str]:
-    return [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Resolve the run's config from the command line (and the YAML file it names)."""
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        parser.error(str(_unknown("flag", flag.split("=")[0], _known_flags(parser))))
-    values = vars(args)
-    overrides: dict[str, dict[str, Any]] = {}
-    if "config" in values:
-        overrides = load_yaml(values.pop("config"))
-    flags: dict[str, dict[str, Any]] = {}
-    for dest, value in values.items():
-        if "." in dest:
-            section, key = dest.split(".", 1)
-            flags.setdefault(section, {})[key] = value
-    if values.get("standard_training"):
-        flags.setdefault("training", {})["loss_type"] = "standard"
+    overrides, rest = config_cli.parse_overrides(parser, argv)
+    if rest.get("standard_training"):
+        overrides.setdefault("training", {})["loss_type"] = "standard"
     try:
-        return build_config(merge(overrides, flags))
+        return build_config(overrides)
     except ValueError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
@@ -90,7 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
-    from trainer.guide import SurrogateUnavailable
+    from surrogate_server.source import SurrogateUnavailable
     from trainer.train import train
 
     try:

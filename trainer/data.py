@@ -3,7 +3,7 @@
 ``load_text_datasets`` finds the raw text (a hub dataset, a local dataset directory,
 or local files) and picks the train and eval splits. ``build_lm_datasets`` tokenises
 it, appends EOS after every document and packs the token stream into blocks of
-``L = max_seq_length`` positions. Labels are already shifted (SDCE.md): block ``i``
+``L = max_seq_length`` positions. Labels are already shifted (docs/method.md §4): block ``i``
 is the window ``tokens[i*L : i*L + L + 1]``, ``input_ids = window[:-1]`` and
 ``labels = window[1:]``, so consecutive windows overlap by one token and every
 token after the first is a label exactly once.
@@ -29,10 +29,10 @@ from datasets.fingerprint import Hasher
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from trainer.config import DataConfig
+from trainer.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test", "dev")
 BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 WIKITEXT_NAMES = ("wikitext", "Salesforce/wikitext")
@@ -150,7 +150,7 @@ def build_lm_datasets(cfg: DataConfig, tokenizer: Any, *, seed: int) -> tuple[da
 
     Each row holds ``max_seq_length`` int64 ids (torch format). The train set drops the
     incomplete last block; the eval set keeps it, padding ``input_ids`` with the pad
-    (else EOS) id and ``labels`` with -100, and stops after ``max_eval_blocks`` blocks.
+    (else EOS) id and ``labels`` with IGNORE_INDEX, and stops after ``max_eval_blocks`` blocks.
     """
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
@@ -229,7 +229,7 @@ def pack_blocks(stream: np.ndarray, length: int, *, keep_tail: bool, pad_id: int
     """Inputs and shifted labels, each (blocks, length), from windows of ``length + 1`` tokens.
 
     With ``keep_tail`` the last, short window (at least 2 tokens) becomes one more block,
-    inputs padded with ``pad_id`` and labels with -100.
+    inputs padded with ``pad_id`` and labels with IGNORE_INDEX.
     """
     full = max(len(stream) - 1, 0) // length
     inputs = stream[: full * length].reshape(full, length)

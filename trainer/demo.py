@@ -9,7 +9,7 @@ Everything it needs is made on the spot from what every Python install has:
 1. a corpus: the docstrings of the standard library (train.jsonl / valid.jsonl);
 2. two tokenizers of different families trained on it: a GPT-2 style byte-level BPE
    for the base and a SentencePiece-style BPE (``▁`` spaces, ``<0xNN>`` byte
-   fallback) for the surrogate, so the vocabulary alignment of SDCE.md §1 is real;
+   fallback) for the surrogate, so the vocabulary alignment of docs/method.md §1 is real;
 3. two model directories (config + tokenizer): a small GPT-2 base and a somewhat
    bigger Llama surrogate.
 

@@ -1,9 +1,12 @@
-"""The device seam: everything that differs between CPU, CUDA, MPS and XLA lives here.
+"""The device seam: everything that differs between CPU, CUDA, MPS and XLA lives behind ``Backend``.
 
-The trainer asks ``init_backend(training_config)`` once at start-up and then only
-talks to the returned ``Backend``: where tensors go, how autocast is entered,
-how counts are summed across ranks, how the optimizer steps. ``import
-torch_xla`` happens only in ``trainer.xla``.
+The trainer picks the platform module once at start-up (``trainer.train.platform``):
+this one (CPU, CUDA, MPS, under torchrun or not) or ``trainer.xla`` (``--device tpu``).
+Both offer ``launch(cfg, fn, *args)`` and ``init_backend(cfg) -> Backend``; after that the
+trainer only talks to the Backend: where tensors go, how autocast is entered, how
+counts are summed across ranks, how the optimizer steps. Backends know devices,
+collectives and data placement, nothing of guidance. ``import torch_xla`` happens only
+in ``trainer.xla``.
 """
 
 from __future__ import annotations
@@ -17,11 +20,10 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from trainer.config import TrainingConfig
+from surrogate_server.source import TORCH_DTYPES
+from trainer.config import MIXED_PRECISION_DTYPES, TrainingConfig
 
 log = logging.getLogger(__name__)
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Backend:
         """Autocast for the forward pass, or nothing when mixed_precision is 'no'."""
         if self.mixed_precision == "no":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.mixed_precision])
+        return torch.autocast(self.device.type, dtype=TORCH_DTYPES[MIXED_PRECISION_DTYPES[self.mixed_precision]])
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A loss scaler, enabled only for fp16 (bf16 and fp32 need none)."""
@@ -120,14 +122,6 @@ class Backend:
         """Backend counters for the logged metrics (XLA: graph compilations)."""
         return {}
 
-    def surrogate_host(self) -> "Backend":
-        """The backend an in-process surrogate is loaded onto first."""
-        return self
-
-    def place_guide(self, guide: Any, sample_ids: torch.Tensor, min_coverage: float) -> Any:
-        """Move a guide's in-process surrogate to this device (XLA validates it first)."""
-        return guide
-
     def shutdown(self) -> None:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -151,21 +145,12 @@ def _torchrun_env() -> tuple[int, int, int]:
 
 
 def launch(cfg: TrainingConfig, fn: Callable[..., Any], *args: Any) -> Any:
-    """Run ``fn(*args)`` in the processes the device needs: this one (torchrun starts its own),
-    or one per TPU chip (``--device tpu``). Returns fn's result where it ran in this process."""
-    if cfg.device == "tpu":
-        from trainer.xla import launch as xla_launch
-
-        return xla_launch(cfg, fn, *args)
+    """Run ``fn(*args)`` in this process (torchrun starts one per rank itself); returns its result."""
     return fn(*args)
 
 
 def init_backend(cfg: TrainingConfig) -> Backend:
     """Pick the device, join the process group under torchrun, and return the Backend."""
-    if cfg.device == "tpu":
-        from trainer.xla import init_xla_backend
-
-        return init_xla_backend(cfg)
     device = _auto_device() if cfg.device == "auto" else torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")

@@ -1,20 +1,42 @@
-"""Surrogate guidance: surrogate inputs and candidate selection (SDCE §2, §3).
+"""Surrogate guidance for training batches: surrogate inputs in, fixed-size base-id candidates out.
 
-Everything here is static-shape tensor code (no `.item()`, no boolean indexing,
-no data-dependent shapes) so that it runs unchanged on CPU, CUDA and XLA.
+A ``Guide`` runs docs/method.md §2-§3 around a ``SurrogateSource`` (the in-process
+engine or a client of the surrogate server): map base ids to surrogate ids
+(``surrogate_inputs``), ask for the top k (+1 so the target can be dropped), and
+select the candidates (``select_candidates``, the one place that decides which
+survive: permitted, not the target, above the threshold). ``guided_batches``
+attaches them to each micro-batch, optionally requesting a few micro-batches ahead
+in background threads.
+
+The tensor functions are static-shape code (no ``.item()``, no boolean indexing, no
+data-dependent shapes), so they run unchanged on CPU, CUDA and XLA.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import logging
 import math
-from typing import Protocol
+import threading
+import time
+from typing import Iterable, Iterator, Protocol
 
 import torch
 from torch import Tensor
 
+from surrogate_server.source import SurrogateSource, SurrogateUnavailable
+from surrogate_server.vocabulary import VocabularySpec
+from trainer.alignment import VocabAlignment
+from trainer.losses import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
 
 class Alignment(Protocol):
-    """The two lookup tables of a vocabulary alignment (SDCE §1); -1 means no match."""
+    """The two lookup tables of a vocabulary alignment (docs/method.md §1); -1 means no match."""
 
     base_to_surrogate: Tensor  # [V_b] long
     surrogate_to_base: Tensor  # [V_s] long
@@ -26,7 +48,7 @@ def surrogate_inputs(
     placeholder_id: int = 0,
     attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Map base input ids to surrogate input ids position by position (SDCE §2).
+    """Map base input ids to surrogate input ids position by position (docs/method.md §2).
 
     Args:
         input_ids: [B, T] base token ids. Negative ids count as unmapped.
@@ -87,9 +109,9 @@ def select_candidates(
     k: int,
     threshold: float,
     exclude_target: bool = True,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Tensor, Tensor]:
-    """Pick the candidate set C_t of every position from the surrogate's top-K' (SDCE §3).
+    """Pick the candidate set C_t of every position from the surrogate's top-K' (docs/method.md §3).
 
     Keeps, in the given order, surrogate ids that are permitted (map to a base id
     whose representative maps back to them), are not the target b2s[y_t] when
@@ -129,3 +151,122 @@ def select_candidates(
     cand_ids = _compact(base_ids, keep, k, fill=-1)
     cand_logprobs = _compact(logprobs, keep, k, fill=-math.inf)
     return cand_ids, cand_logprobs
+
+
+def placeholder_id(spec: VocabularySpec) -> int:
+    """The surrogate id put where a base token has no surrogate match (it is masked anyway)."""
+    for role in ("pad", "eos", "unk", "bos"):
+        if role in spec.special_tokens:
+            return spec.special_tokens[role]
+    return 0
+
+
+class Guide:
+    """Computes ``(cand_ids, cand_logprobs)`` [B,T,k] for a micro-batch (docs/method.md §2-§3)."""
+
+    def __init__(
+        self,
+        source: SurrogateSource,
+        alignment: VocabAlignment,
+        *,
+        k: int,
+        threshold: float,
+        loss_type: str,
+        placeholder: int = 0,
+        on_failure: str = "fail",
+    ):
+        self.source = source
+        self.alignment = alignment
+        self.k = k
+        self.exclude_target = loss_type == "surrogate"
+        # kl keeps the target and applies no threshold (docs/method.md §3).
+        self.threshold = threshold if self.exclude_target else 0.0
+        self.request_k = k + 1 if self.exclude_target else k
+        self.logprob_floor = math.log(self.threshold) if self.threshold > 0 else None
+        self.placeholder = placeholder
+        self.on_failure = on_failure
+        self.unguided_batches = 0  # batches trained on CE alone because the surrogate was unavailable
+        self.wait_seconds = 0.0  # time guided_batches' caller blocked on guidance (not on data), cumulative
+        self._count_lock = threading.Lock()
+        self._on_device: dict[torch.device, VocabAlignment] = {}
+
+    def _alignment_on(self, device: torch.device) -> VocabAlignment:
+        if device not in self._on_device:
+            self._on_device[device] = self.alignment.to(device)
+        return self._on_device[device]
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, labels [B,T] -> cand_ids [B,T,k] long, cand_logprobs [B,T,k] float32 (on the source's device)."""
+        here = self._alignment_on(input_ids.device)
+        s_ids, s_mask = surrogate_inputs(input_ids, here, self.placeholder)
+        top = self.source.topk(s_ids, s_mask, self.request_k, here.permitted, self.logprob_floor)
+        alignment = self._alignment_on(top.ids.device)
+        return select_candidates(
+            top.ids,
+            top.logprobs,
+            labels.to(top.ids.device),
+            alignment,
+            self.k,
+            self.threshold,
+            exclude_target=self.exclude_target,
+        )
+
+    def attach(self, batch: Batch) -> Batch:
+        """The batch with its candidates; empty candidates (CE alone) when the surrogate is down and on_failure is skip."""
+        try:
+            cand_ids, cand_logprobs = self(batch["input_ids"], batch["labels"])
+        except SurrogateUnavailable as err:
+            if self.on_failure != "skip":
+                raise
+            with self._count_lock:  # the prefetch threads attach concurrently
+                self.unguided_batches += 1
+                skipped = self.unguided_batches
+            log.warning("surrogate unavailable: training this batch on cross-entropy alone (%d so far): %s",
+                        skipped, err)
+            shape = (*batch["labels"].shape, self.k)
+            cand_ids = torch.full(shape, -1, dtype=torch.long)
+            cand_logprobs = torch.full(shape, float("-inf"), dtype=torch.float32)
+        return {**batch, "cand_ids": cand_ids, "cand_logprobs": cand_logprobs}
+
+
+def guided_batches(batches: Iterable[Batch], guide: Guide | None, prefetch_depth: int = 0) -> Iterator[Batch]:
+    """Yield the batches with guidance attached, computed up to ``prefetch_depth`` batches ahead.
+
+    With ``prefetch_depth == 0`` guidance is computed inline, right before the
+    batch is yielded; otherwise ``prefetch_depth`` background threads request the
+    next batches' guidance concurrently (several servers, or one server's batcher,
+    work on them at once) while the caller trains on the current one. Order is
+    always preserved. Closing the generator (or an error) cancels what has not
+    started; requests already in flight end on their own, within the source's timeout.
+    """
+    if guide is None:
+        yield from batches
+        return
+    if prefetch_depth == 0:
+        for batch in batches:
+            started = time.perf_counter()
+            guided = guide.attach(batch)
+            guide.wait_seconds += time.perf_counter() - started
+            yield guided
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=prefetch_depth, thread_name_prefix="guidance")
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    try:
+        for batch in batches:
+            pending.append(pool.submit(guide.attach, batch))
+            if len(pending) > prefetch_depth:
+                yield _result(pending.popleft(), guide)
+        while pending:
+            yield _result(pending.popleft(), guide)
+    finally:
+        # Not wait=True: after the last step the trainer must not wait for guidance it will never use.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _result(future: concurrent.futures.Future, guide: Guide) -> Batch:
+    """The future's batch, counting the time spent blocked on it in ``guide.wait_seconds``."""
+    started = time.perf_counter()
+    try:
+        return future.result()
+    finally:
+        guide.wait_seconds += time.perf_counter() - started

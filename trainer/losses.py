@@ -1,4 +1,4 @@
-"""SDCE loss functions (SDCE §4): standard CE, surrogate-guided CE and bucket KL.
+"""SDCE loss functions (docs/method.md §4): standard CE, surrogate-guided CE and bucket KL.
 
 All three are sums over positions divided by one label count N, so that
 micro-batches and data-parallel ranks that share the global N add up to the
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 LOSS_TYPES = ("surrogate", "kl", "standard")
+IGNORE_INDEX = -100  # the label of a position without a target (the transformers convention)
 
 
 def _validate(
@@ -142,7 +143,7 @@ def sdce_loss(
     loss_type: str,
     surrogate_weight: float | Tensor,
     num_labels: Tensor | int | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     z_loss_multiplier: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """SDCE loss L = (sum_t CE_t + lambda * sum_t aux_t) / N [+ z_mult * sum_t lse_t^2 / N].

@@ -9,13 +9,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from surrogate_server.engine import explain_load_errors
-from trainer.config import ModelConfig, TrainConfig
+from surrogate_server.source import TORCH_DTYPES, SurrogateSource
+from trainer.alignment import align_vocabularies
+from trainer.config import ModelConfig, SurrogateConfig, TrainConfig
 from trainer.device import Backend
-from trainer.guide import Guide, placeholder_id
+from trainer.guidance import Guide, placeholder_id
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -55,28 +55,31 @@ def load_base_model(cfg: ModelConfig, tokenizer, backend: Backend, weights_from:
     return model.to(backend.device)
 
 
-def build_guide(config: TrainConfig, tokenizer, backend: Backend, sample_text: str) -> Guide | None:
+def connect_surrogate(cfg: SurrogateConfig, device: torch.device) -> SurrogateSource:
+    """The run's guidance provider: a client of the servers in ``cfg.endpoint``, else the model loaded here."""
+    if cfg.endpoint:
+        from surrogate_server.auth import read_token
+        from surrogate_server.client import RemoteSurrogate  # imported late: grpc is the client extra's
+
+        return RemoteSurrogate(cfg.endpoint, token=read_token(cfg.auth_token_file), tls_ca=cfg.tls_ca_file,
+                               timeout=cfg.request_timeout)
+    from surrogate_server.engine import SurrogateEngine
+
+    return SurrogateEngine.from_pretrained(cfg.name_or_path, device=device, dtype=cfg.dtype,
+                                           chunk_tokens=cfg.chunk_tokens)
+
+
+def build_guide(config: TrainConfig, tokenizer, device: torch.device, sample_text: str) -> Guide | None:
     """The surrogate guidance for this run, or None for standard training.
 
-    ``sample_text`` (some training text) gives the alignment's coverage figure.
+    ``device``: where an in-process surrogate goes; ``sample_text`` (some training text)
+    gives the alignment's coverage figure.
     """
     if config.training.loss_type == "standard":
         return None
-    from trainer.alignment import align_vocabularies
-
     scfg = config.surrogate
-    if scfg.endpoint:
-        from trainer.remote import connect_surrogate
-
-        source = connect_surrogate(scfg)
-        spec = source.vocabulary_spec()
-    else:
-        from surrogate_server.engine import SurrogateEngine
-
-        source = SurrogateEngine.from_pretrained(
-            scfg.name_or_path, device=str(backend.device), dtype=scfg.dtype, chunk_tokens=scfg.chunk_tokens
-        )
-        spec = source.vocabulary_spec()
+    source = connect_surrogate(scfg, device)
+    spec = source.vocabulary()
     alignment = align_vocabularies(tokenizer, spec, sample_text=sample_text, min_coverage=scfg.min_coverage)
     log.info("vocabulary alignment: %s", alignment)
     return Guide(

@@ -1,4 +1,4 @@
-"""Schedules for the surrogate weight lambda (SDCE §5).
+"""Schedules for the surrogate weight lambda (docs/method.md §5).
 
 The learning-rate schedule is transformers.get_cosine_schedule_with_warmup; only
 the lambda schedule lives here.

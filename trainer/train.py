@@ -1,7 +1,7 @@
 """The training loop: data -> guidance -> SDCE loss -> optimizer step -> log / eval / checkpoint.
 
 ``train(config)`` is all a caller needs; each component has one job and lives in
-its own module (data, guide, losses, checkpoint, tracking, device).
+its own module (data, guidance, losses, checkpoint, tracking, device).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterator
 
 import torch
@@ -21,11 +22,12 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, set_seed
 
 from trainer.checkpoint import Progress, checkpoints, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
-from trainer.config import TrainConfig
+from surrogate_server.source import SurrogateUnavailable
+from trainer.config import TrainConfig, TrainingConfig
 from trainer.data import build_lm_datasets
-from trainer.device import Backend, init_backend, launch, main_process_first
-from trainer.guide import Batch, Guide, SurrogateUnavailable, guided_batches
-from trainer.losses import sdce_loss
+from trainer.device import Backend, main_process_first
+from trainer.guidance import Batch, Guide, guided_batches
+from trainer.losses import IGNORE_INDEX, sdce_loss
 from trainer.models import build_guide, load_base_model, load_tokenizer
 from trainer.schedules import surrogate_weight
 from trainer.tracking import NullTracker, Tracker
@@ -77,8 +79,7 @@ class Trainer:
         with main_process_first(backend):
             self.train_set, self.eval_set = build_lm_datasets(config.data, self.tokenizer, seed=cfg.seed)
         self.model = load_base_model(config.model, self.tokenizer, backend, weights_from=self.resume_from)
-        guide = build_guide(config, self.tokenizer, backend.surrogate_host(), self._text_sample())
-        self.guide: Guide | None = backend.place_guide(guide, self.train_set[:2]["input_ids"], config.surrogate.min_coverage)
+        self.guide: Guide | None = build_guide(config, self.tokenizer, backend.device, self._text_sample())
         self.ddp_model = backend.wrap_model(self.model)
         self.plan = StepPlan.make(len(self._train_loader(epoch=0)), cfg)
         self.optimizer = self._optimizer()
@@ -254,7 +255,7 @@ class Trainer:
             self.progress.step, self.plan.total_steps, self.config.surrogate.loss_weight_initial, self.config.surrogate.loss_weight_final
         ))
         # A tensor where the batches are (on XLA: the device), so counting never syncs with the host.
-        local_labels = sum((b["labels"] != -100).sum() for b in micro)
+        local_labels = sum((b["labels"] != IGNORE_INDEX).sum() for b in micro)
         num_labels = backend.all_reduce_sum(local_labels.to(backend.device, torch.float32))
         for i, batch in enumerate(micro):
             with backend.no_sync(self.ddp_model, last_micro_batch=i == len(micro) - 1), backend.autocast():
@@ -292,15 +293,13 @@ class Trainer:
 
     def _close_guide(self) -> None:
         """Let a remote source cancel requests still retrying (prefetches past the last step)."""
-        if self.guide is not None and hasattr(self.guide.source, "close"):
+        if self.guide is not None:
             self.guide.source.close()
 
     def _guide_stats(self) -> dict[str, float]:
         if self.guide is None:
             return {}
-        stats = {"unguided_batches": float(self.guide.unguided_batches)}
-        stats.update(getattr(self.guide.source, "stats", lambda: {})())
-        return stats
+        return {"unguided_batches": float(self.guide.unguided_batches), **self.guide.source.stats()}
 
     def _stop_on_surrogate_failure(self, err: Exception) -> None:
         """surrogate.on_failure=fail: checkpoint the last complete step, then stop with a clear message."""
@@ -436,12 +435,23 @@ def train(config: TrainConfig) -> TrainResult | None:
     (one per chip) and this returns None; metrics.jsonl holds the results.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return launch(config.training, _train_process, config)
+    return platform(config.training).launch(config.training, _train_process, config)
+
+
+def platform(cfg: TrainingConfig) -> ModuleType:
+    """The module that starts and initialises this run's processes (``launch``, ``init_backend``)."""
+    if cfg.device == "tpu":
+        from trainer import xla
+
+        return xla
+    from trainer import device
+
+    return device
 
 
 def _train_process(config: TrainConfig) -> TrainResult:
     """One training process: torchrun's, a TPU chip's, or the only one."""
-    backend = init_backend(config.training)
+    backend = platform(config.training).init_backend(config.training)
     # One copy of the log, from rank 0. "trainer" gets its level too: a library imported
     # before train() (transformers imports torch_xla) may have configured the root logger.
     logging.getLogger("trainer").setLevel(logging.INFO if backend.is_main else logging.WARNING)

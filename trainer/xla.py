@@ -1,7 +1,7 @@
 """The PyTorch/XLA backend (Cloud TPU, and XLA:CPU for tests): the only module that imports torch_xla.
 
-``--device tpu`` makes ``trainer.device.init_backend`` call ``init_xla_backend``;
-``trainer.device.launch`` calls ``launch`` here to start the processes first.
+``--device tpu`` makes the trainer use this module's ``launch`` (start one process per
+chip) and ``init_backend`` (in each of them) instead of ``trainer.device``'s.
 
 Processes: PJRT runs one process per TPU chip (``torch_xla.launch``; on v2/v3 each
 process drives the chip's two cores with two threads, on v4/v5p a chip is one
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -155,7 +154,7 @@ def _process_main(index: int, fn: Callable[..., Any], *args: Any) -> None:
     fn(*args)
 
 
-def init_xla_backend(cfg: TrainingConfig) -> "XlaBackend":
+def init_backend(cfg: TrainingConfig) -> "XlaBackend":
     """The backend of this training process (called inside each launched process)."""
     topology = resolve_topology(cfg, os.environ)
     import torch_xla
@@ -230,8 +229,15 @@ class XlaBackend(Backend):
         xm.wait_device_ops()
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model itself (no DDP: reduce_gradients does its job), its tied weights tied again."""
-        return retie(model)
+        """The model itself (no DDP: reduce_gradients does its job), its tied weights tied again.
+
+        Moving to an XLA device gives every module a new Parameter, so GPT-2's lm_head and
+        token embedding (one tensor on the CPU) become two: gradients, updates and memory
+        would then differ from the CPU run.
+        """
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        return model
 
     def host_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """CPU copies of the weights; tied weights stay one tensor so save_pretrained can tell."""
@@ -295,18 +301,6 @@ class XlaBackend(Backend):
             counts[key] = float(data[0] if data else 0)
         return counts
 
-    def surrogate_host(self) -> Backend:
-        """An in-process surrogate is loaded on the CPU first, validated, then moved (``place_guide``)."""
-        return Backend(torch.device("cpu"))
-
-    def place_guide(self, guide: Any, sample_ids: torch.Tensor, min_coverage: float) -> Any:
-        from surrogate_server.engine import SurrogateEngine
-
-        if guide is None or not isinstance(guide.source, SurrogateEngine):
-            return guide  # remote surrogate: guidance arrives as CPU tensors through device_loader
-        guide.source = validate_and_move_surrogate(guide, sample_ids, self.device, min_coverage=min_coverage)
-        return guide
-
 
 def _capture_errors(batches: Iterable[Any], errors: list[BaseException]) -> Iterator[Any]:
     """``batches``, ending early with the error (kept in ``errors``) where producing one fails."""
@@ -314,18 +308,6 @@ def _capture_errors(batches: Iterable[Any], errors: list[BaseException]) -> Iter
         yield from batches
     except Exception as err:  # e.g. SurrogateUnavailable from remote guidance, raised in the loader thread
         errors.append(err)
-
-
-def retie(model: torch.nn.Module) -> torch.nn.Module:
-    """Tie a model's shared weights again after ``.to(xla)``.
-
-    Moving to an XLA device gives every module a new Parameter, so GPT-2's lm_head and
-    token embedding (one tensor on the CPU) become two: gradients, updates and memory
-    would then differ from the CPU run.
-    """
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return model
 
 
 def to_host(obj: Any) -> Any:
@@ -338,94 +320,3 @@ def to_host(obj: Any) -> Any:
         return copies[id(t)]
 
     return torch.utils._pytree.tree_map_only(torch.Tensor, copy, obj)
-
-
-# -- in-process surrogate on the TPU --------------------------------------------------------
-class _BoolMaskDecoder(torch.nn.Module):
-    """Gives the decoder a ready [B, 1, T, T] boolean mask, built on the device.
-
-    With a 2-D mask transformers checks on the host whether it is all ones (a device
-    read mid-step on XLA, and a different graph when it is). A position with no key to
-    attend to attends to itself, so its output stays finite (the engine blanks it) and
-    no NaN reaches other positions through its keys and values.
-    """
-
-    def __init__(self, decoder: torch.nn.Module):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
-        length = input_ids.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
-        itself = torch.eye(length, dtype=torch.bool, device=input_ids.device)
-        allowed = causal & attention_mask.bool()[:, None, None, :]
-        mask = allowed | (itself & ~allowed.any(-1, keepdim=True))
-        return self.decoder(input_ids=input_ids, attention_mask=mask, **kwargs)
-
-
-def _xla_engine_class() -> type:
-    from surrogate_server.engine import SurrogateEngine
-
-    class XlaSurrogateEngine(SurrogateEngine):
-        """The engine on an XLA device, with nothing in ``topk`` that reads the device:
-        torch.no_grad instead of inference_mode (lazy tensors cannot be inference
-        tensors), only the static argument checks, a device-built attention mask."""
-
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self._decoder = _BoolMaskDecoder(self._decoder)
-
-        def _topk(self, *args: Any, **kwargs: Any) -> Any:
-            with torch.no_grad():
-                return SurrogateEngine._topk.__wrapped__(self, *args, **kwargs)
-
-        def _validate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, permitted: Any) -> None:
-            # Ids and mask values come from trainer.guidance.surrogate_inputs, in range by construction.
-            if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape or k < 1:
-                raise ValueError(f"input_ids and attention_mask must be [B, T] and k >= 1, got "
-                                 f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, k={k}")
-
-        def _check_logits_match_model(self) -> None:
-            """Done on the CPU at load; validate_and_move_surrogate compares the XLA output with the CPU's."""
-
-    return XlaSurrogateEngine
-
-
-def validate_and_move_surrogate(
-    guide: Any, sample_ids: torch.Tensor, device: torch.device, *, min_coverage: float, atol: float | None = None
-) -> Any:
-    """Check a CPU surrogate engine, move it to ``device``, and check it gives the same top-k there.
-
-    Checks, each a ValueError that names what is wrong: every weight is finite;
-    the alignment's coverage is at least ``min_coverage``; the top-k log-probs of a
-    short test forward on ``sample_ids`` [B, T] (base ids) agree on both devices.
-    Returns the engine on ``device``.
-    """
-    from trainer.guidance import surrogate_inputs
-
-    engine = guide.source
-    for name, param in engine.model.named_parameters():
-        if not torch.isfinite(param).all():
-            raise ValueError(f"the surrogate's weight {name} holds NaN or inf values: it cannot guide training; check the checkpoint")
-    if guide.alignment.coverage < min_coverage:
-        raise ValueError(
-            f"the vocabulary alignment covers {guide.alignment.coverage:.1%} of base tokens, below {min_coverage:.1%}"
-        )
-    s_ids, s_mask = surrogate_inputs(sample_ids, guide.alignment, guide.placeholder)
-    k = guide.request_k
-    expected = engine.topk(s_ids, s_mask, k, guide.alignment.permitted)
-    moved = _xla_engine_class()(retie(engine.model.to(device)), engine.tokenizer, chunk_tokens=engine.chunk_tokens)
-    got = moved.topk(s_ids, s_mask, k, guide.alignment.permitted)
-    got_logprobs = got.logprobs.cpu()
-    tolerance = atol if atol is not None else (5e-2 if moved.dtype == torch.bfloat16 else 1e-3)
-    finite = torch.isfinite(expected.logprobs)
-    same_empty = torch.equal(finite, torch.isfinite(got_logprobs))
-    gap = (expected.logprobs[finite] - got_logprobs[finite]).abs().max().item() if finite.any() else 0.0
-    if not same_empty or not math.isfinite(gap) or gap > tolerance:
-        raise ValueError(
-            f"the surrogate's top-{k} log-probs on {device} differ from the CPU's by up to {gap:.3g} "
-            f"(tolerance {tolerance:g}): this model does not run correctly on XLA; use a surrogate server"
-        )
-    log.info("surrogate validated for %s: finite weights, coverage %.1f%%, test forward within %.2g of CPU",
-             device, 100 * guide.alignment.coverage, gap)
-    return moved

@@ -5,7 +5,7 @@ permutation of the blocks (seeded by seed + epoch, whatever the world size) and 
 rank r the entries r, r + W, r + 2W, ... Rank r's i-th micro-batch of size b is
 therefore permutation[2b*i + r + 2j] for j < b, and the two ranks together hold
 permutation[2b*i : 2b*(i+1)], exactly the one-process batch of size 2b. With the loss
-normalised by the global label count (SDCE.md §4), the per-rank loss is a share of the
+normalised by the global label count (docs/method.md §4), the per-rank loss is a share of the
 big batch's loss, DDP averages the gradients of loss * world_size, and so the update is
 the big batch's update up to float summation order.
 """
@@ -37,7 +37,7 @@ def _flags(base_dir, surrogate_dir, train_file, out: Path, batch: int, extra: li
         "--probability_threshold", "0.0", "--train_file", str(train_file), "--max_seq_length", "32",
         "--max_eval_blocks", "8", "--batch_size", str(batch), "--max_steps", str(STEPS), "--learning_rate", "3e-3",
         "--logging_steps", "1", "--save_steps", "2", "--save_total_limit", "none", "--device", "cpu",
-        "--no-progress_bar", "--output_dir", str(out), *extra,
+        "--no_progress_bar", "--output_dir", str(out), *extra,
     ]
 
 

@@ -55,7 +55,8 @@ def train_file(tmp_path_factory, texts) -> Path:
 @pytest.fixture
 def make_config(base_dir, surrogate_dir, train_file, tmp_path):
     """build_config overrides for a tiny run; pass nested dicts to change anything."""
-    from trainer.config import build_config, merge
+    from surrogate_server.config_cli import merge
+    from trainer.config import build_config
 
     def make(overrides: dict | None = None, output_dir: Path | None = None):
         defaults = {

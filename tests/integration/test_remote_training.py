@@ -18,15 +18,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from surrogate_server import codec
+from surrogate_server.client import RemoteSurrogate
 from surrogate_server.engine import SurrogateEngine
 from surrogate_server.process import ServerProcess
-from trainer.checkpoint import checkpoints
-from trainer.config import build_config, merge
-from trainer.guidance import surrogate_inputs
-from trainer.guide import SurrogateUnavailable, placeholder_id
-from trainer.remote import RemoteSurrogate
-from trainer.train import train
+from surrogate_server.source import SurrogateUnavailable
 from trainer.alignment import align_vocabularies
+from trainer.checkpoint import checkpoints
+from surrogate_server.config_cli import merge
+from trainer.config import build_config
+from trainer.guidance import placeholder_id, surrogate_inputs
+from trainer.train import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,9 +37,9 @@ TIMEOUT = 3.0  # surrogate.request_timeout in these tests: an outage costs a bat
 TOKEN = "integration-secret"
 
 
-def start_server(model_dir: Path, *flags: str) -> ServerProcess:
+def start_server(model_dir: Path, *flags: str, env: dict[str, str] | None = None) -> ServerProcess:
     return ServerProcess(model_dir, "--device", "cpu", "--dtype", "float32", *flags, cwd=ROOT,
-                         env={"OMP_NUM_THREADS": "1"}).start()
+                         env={"OMP_NUM_THREADS": "1", **(env or {})}).start()
 
 
 @pytest.fixture(scope="module")
@@ -130,16 +132,17 @@ def test_remote_topk_equals_the_in_process_engine(server, base_dir, surrogate_di
     engine = SurrogateEngine.from_pretrained(str(surrogate_dir), device="cpu", dtype="float32")
     base_tokenizer = AutoTokenizer.from_pretrained(base_dir)
     with RemoteSurrogate([server.grpc], timeout=10) as client:
-        spec = client.vocabulary_spec()
-        assert spec == engine.vocabulary_spec()
+        spec = client.vocabulary()
+        assert spec == engine.vocabulary()
         alignment = align_vocabularies(base_tokenizer, spec, sample_text=texts[0])
         base_ids = torch.tensor(base_tokenizer("\n".join(texts[:20]))["input_ids"][: 3 * SEQ_LEN]).view(3, SEQ_LEN)
         s_ids, s_mask = surrogate_inputs(base_ids, alignment, placeholder_id(spec))
         for k, floor in ((9, math.log(0.01)), (5, None)):
             got = client.topk(s_ids, s_mask, k, alignment.permitted, floor)
-            want = engine.topk(s_ids, s_mask, k, alignment.permitted, floor)
-            assert torch.equal(got.ids, want.ids)
-            torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+            top = engine.topk(s_ids, s_mask, k, alignment.permitted)  # the server leaves out what is below the floor
+            want_logprobs, want_ids = codec.decode_topk(*codec.encode_topk(top.logprobs, top.ids, floor=floor), k)
+            assert torch.equal(got.ids, want_ids)
+            torch.testing.assert_close(got.logprobs, want_logprobs, rtol=0, atol=1e-5)
         stats = client.stats()
     assert stats["guidance_requests"] == 2 and stats["guidance_failures"] == 0
     assert 0 < stats["guidance_bytes_per_token"] < 9 * 8 + 8  # int32 id + float32 log-prob per kept slot
@@ -230,5 +233,25 @@ def test_auth_token(surrogate_dir, tmp_path):
         with RemoteSurrogate([secured.grpc], token=TOKEN, timeout=5) as client:
             ids = torch.randint(3, 500, (1, 8))
             assert client.topk(ids, torch.ones_like(ids), 4).ids.shape == (1, 8, 4)
+    finally:
+        secured.kill()
+
+
+def test_a_token_ending_in_a_newline_works_on_both_sides(surrogate_dir, tmp_path, monkeypatch):
+    """`echo secret > file` and `export SDCE_SURROGATE_TOKEN=$(cat file)`-style values carry a newline."""
+    from surrogate_server.auth import TOKEN_ENV
+    from trainer.config import SurrogateConfig
+    from trainer.models import connect_surrogate
+
+    secured = start_server(surrogate_dir, env={TOKEN_ENV: TOKEN + "\n"})
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    ids = torch.randint(3, 500, (1, 8))
+    try:
+        monkeypatch.setenv(TOKEN_ENV, TOKEN + "\r\n")
+        for token_from in (str(token_file), None):  # the file, then the environment
+            cfg = SurrogateConfig(endpoint=secured.grpc, auth_token_file=token_from, request_timeout=5)
+            with connect_surrogate(cfg, torch.device("cpu")) as client:
+                assert client.topk(ids, torch.ones_like(ids), 4).ids.shape == (1, 8, 4)
     finally:
         secured.kill()

@@ -1,4 +1,4 @@
-"""Vocabulary alignment (SDCE.md §1) on real tokenizers of the three families, trained locally."""
+"""Vocabulary alignment (docs/method.md §1) on real tokenizers of the three families, trained locally."""
 
 import json
 

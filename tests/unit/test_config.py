@@ -107,7 +107,7 @@ def test_standard_training_needs_no_surrogate():
 
 
 def test_dotted_flags_and_boolean_negation():
-    cfg = parse_args("--standard_training --dataset d --model.gradient_checkpointing --no-progress_bar".split())
+    cfg = parse_args("--standard_training --dataset d --model.gradient_checkpointing --no_progress_bar".split())
     assert cfg.model.gradient_checkpointing and not cfg.training.progress_bar
 
 

@@ -52,7 +52,7 @@ def make_labels(batch: int, seq: int, vocab_base: int, seed: int) -> Tensor:
 
 
 def reference_select(topk_ids, topk_logprobs, labels, al, k, threshold, exclude_target):
-    """Per-position Python loop straight from SDCE §3."""
+    """Per-position Python loop straight from docs/method.md §3."""
     b2s, s2b = al.base_to_surrogate.tolist(), al.surrogate_to_base.tolist()
     batch, seq, _ = topk_ids.shape
     ids = torch.full((batch, seq, k), -1, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""sdce_loss against a slow per-position reference written straight from SDCE §4."""
+"""sdce_loss against a slow per-position reference written straight from docs/method.md §4."""
 
 from __future__ import annotations
 

@@ -22,11 +22,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
 from protos.sdce.surrogate.v1 import surrogate_pb2_grpc as pb_grpc
 from surrogate_server import codec
+from surrogate_server.auth import read_token
+from surrogate_server.client import RemoteSurrogate
 from surrogate_server.engine import SurrogateEngine
+from surrogate_server.source import SurrogateUnavailable
 from tests.tokenizer_factory import corpus, train_byte_level_bpe
 from trainer.config import SurrogateConfig
-from trainer.guide import SurrogateUnavailable
-from trainer.remote import RemoteSurrogate, connect_surrogate, read_token
+from trainer.models import connect_surrogate
 
 TOKEN = "s3cret"
 
@@ -36,7 +38,7 @@ class FakeSurrogate(pb_grpc.SurrogateServicer):
 
     def __init__(self, engine: SurrogateEngine, max_tokens: int = 10_000):
         self.engine = engine
-        self.spec = engine.vocabulary_spec()
+        self.spec = engine.vocabulary()
         self.fingerprint = self.spec.fingerprint()  # what GetInfo announces
         self.max_tokens = max_tokens
         self.masks: dict[str, torch.Tensor] = {}
@@ -142,12 +144,13 @@ def test_topk_equals_the_engine_and_splits_big_batches(engine, fake):
     ids, mask, permitted = _batch(engine)
     floor = math.log(0.01)
     with RemoteSurrogate([fake.address], timeout=5) as client:
-        assert client.vocabulary_spec() == engine.vocabulary_spec()
+        assert client.vocabulary() == engine.vocabulary()  # from spec_json: this fake is a first-release server
         got = client.topk(ids, mask, 9, permitted, floor)
         stats = client.stats()
-    want = engine.topk(ids, mask, 9, permitted, floor)
-    assert torch.equal(got.ids, want.ids)
-    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-5)  # other batch shapes: other sums
+    top = engine.topk(ids, mask, 9, permitted)
+    want_logprobs, want_ids = codec.decode_topk(*codec.encode_topk(top.logprobs, top.ids, floor=floor), 9)
+    assert torch.equal(got.ids, want_ids)
+    torch.testing.assert_close(got.logprobs, want_logprobs, rtol=0, atol=1e-5)  # other batch shapes: other sums
     assert fake.calls["TopK"] == 2 and fake.calls["RegisterPermitted"] == 1
     assert stats["guidance_requests"] == 2 and stats["guidance_retries"] == 0
     assert 0 < stats["guidance_bytes_per_token"] < 9 * 8 + 8
@@ -278,7 +281,7 @@ def test_token_travels_as_bearer_metadata(engine, fake, tmp_path, monkeypatch):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     cfg = SurrogateConfig(endpoint=f" {fake.address} ,", auth_token_file=str(token_file), request_timeout=5)
-    with connect_surrogate(cfg) as client:
+    with connect_surrogate(cfg, torch.device("cpu")) as client:
         assert client.endpoints == [fake.address]
         client.topk(ids, mask, 3)
     monkeypatch.setenv("SDCE_SURROGATE_TOKEN", TOKEN)
@@ -302,4 +305,4 @@ def test_endpoint_must_be_host_port():
     with pytest.raises(ValueError, match="host:port"):
         RemoteSurrogate(["localhost"])
     with pytest.raises(ValueError, match="--surrogate_endpoint"):
-        connect_surrogate(SurrogateConfig(endpoint=" , "))
+        connect_surrogate(SurrogateConfig(endpoint=" , "), torch.device("cpu"))

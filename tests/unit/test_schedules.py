@@ -1,4 +1,4 @@
-"""The cosine schedule of the surrogate weight (SDCE §5)."""
+"""The cosine schedule of the surrogate weight (docs/method.md §5)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """The trainer's XLA path on XLA:CPU: each loss type, parity with the eager CPU path, no
 recompilation or host reads inside steps, cross-device checkpoints, the surrogate check."""
 
-import dataclasses
 import shutil
 import subprocess
 import sys
@@ -103,30 +102,17 @@ def test_checkpoints_move_between_xla_and_cpu(make_config, tmp_path):
             _close(a, b)
 
 
-def test_local_surrogate_is_validated_before_it_moves(make_config):
-    from trainer.device import Backend
-    from trainer.models import build_guide, load_tokenizer
-    from trainer.xla import validate_and_move_surrogate
-
-    config = make_config()
-    tokenizer = load_tokenizer(config.model)
-    ids = torch.tensor([tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]])
-
-    def guide():
-        return build_guide(config, tokenizer, Backend(torch.device("cpu")), "the quick brown fox jumps over the lazy dog")
+def test_local_surrogate_is_validated_before_it_moves(surrogate_dir):
+    from surrogate_server.engine import SurrogateEngine
 
     device = torch_xla.device()
-    moved = validate_and_move_surrogate(guide(), ids, device, min_coverage=0.3)
-    assert moved.device.type == "xla"
-    poorly_aligned = guide()
-    poorly_aligned.alignment = dataclasses.replace(poorly_aligned.alignment, coverage=0.1)
-    with pytest.raises(ValueError, match="covers 10.0% of base tokens"):
-        validate_and_move_surrogate(poorly_aligned, ids, device, min_coverage=0.3)
-    broken = guide()
+    moved = SurrogateEngine.from_pretrained(str(surrogate_dir), device=device)
+    assert moved.device.type == "xla" and moved.lazy
+    broken = SurrogateEngine.from_pretrained(str(surrogate_dir), device="cpu")
     with torch.no_grad():
-        next(broken.source.model.parameters())[0, 0] = float("nan")
+        next(broken.model.parameters())[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
-        validate_and_move_surrogate(broken, ids, device, min_coverage=0.3)
+        broken.to(device)
 
 
 def test_readme_single_host_command_runs(base_dir, surrogate_dir, train_file, tmp_path):

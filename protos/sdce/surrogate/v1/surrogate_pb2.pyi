@@ -79,13 +79,34 @@ class VocabularyRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Vocabulary(_message.Message):
+    __slots__ = ("tokens", "family", "special_tokens", "control_ids")
+    class SpecialTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_IDS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    family: str
+    special_tokens: _containers.ScalarMap[str, int]
+    control_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., control_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class VocabularyResponse(_message.Message):
-    __slots__ = ("spec_json", "fingerprint")
+    __slots__ = ("spec_json", "fingerprint", "vocabulary")
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    VOCABULARY_FIELD_NUMBER: _ClassVar[int]
     spec_json: str
     fingerprint: str
-    def __init__(self, spec_json: _Optional[str] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+    vocabulary: Vocabulary
+    def __init__(self, spec_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocabulary: _Optional[_Union[Vocabulary, _Mapping]] = ...) -> None: ...
 
 class RegisterPermittedRequest(_message.Message):
     __slots__ = ("mask",)

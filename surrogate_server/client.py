@@ -1,13 +1,13 @@
-"""The trainer's client of the surrogate server: guidance from another process or host.
+"""The client of the surrogate server: a ``SurrogateSource`` in another process or host.
 
 With ``surrogate.endpoint`` set (``--surrogate_endpoint host:port[,host:port...]``)
 the trainer never loads the surrogate. It learns the surrogate's vocabulary from
 the server, aligns it with the base tokenizer, and asks for top-k guidance batch
 by batch; the answer is the same ``TopK`` the in-process ``SurrogateEngine``
-returns (SDCE.md §6)::
+returns (docs/method.md §6). Needs only grpcio and protobuf (the ``client`` extra)::
 
-    source = connect_surrogate(config.surrogate)
-    spec = source.vocabulary_spec()                     # align_vocabularies(base_tokenizer, spec)
+    source = RemoteSurrogate("host:50051,host2:50051", token=read_token(path))
+    spec = source.vocabulary()                          # align_vocabularies(base_tokenizer, spec)
     top = source.topk(s_ids, s_mask, k, permitted, logprob_floor)   # TopK [B, T, k], CPU
     source.stats()                                      # latency, bytes/token, retries ... since the last call
 
@@ -17,7 +17,7 @@ equals) that is not backing off; an attempt that fails with UNAVAILABLE,
 DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED or CANCELLED puts its endpoint on
 exponential backoff with jitter and goes to the next one. When the deadline
 passes the call raises ``SurrogateUnavailable`` (the trainer then skips guidance
-for that batch or stops, ``surrogate.on_failure``); the next call simply tries
+for that batch or stops, its ``surrogate.on_failure``); the next call simply tries
 again, so guidance resumes once a server is back. Any other status is a bug in
 the request or the server and is raised at once (``ValueError`` for the client's
 errors). The permitted set is registered once per endpoint under its
@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
-import os
 import random
 import statistics
 import threading
@@ -44,34 +42,21 @@ import torch
 from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
 from protos.sdce.surrogate.v1 import surrogate_pb2_grpc as pb_grpc
 from surrogate_server import codec
-from surrogate_server.engine import TopK
-from trainer.config import SurrogateConfig
-from trainer.guide import SurrogateUnavailable
+from surrogate_server.auth import TOKEN_ENV, bearer
+from surrogate_server.source import SurrogateInfo, SurrogateUnavailable, TopK
 from surrogate_server.vocabulary import VocabularySpec
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-TOKEN_ENV = "SDCE_SURROGATE_TOKEN"
 # Worth another attempt (elsewhere, or later): the server is down, overloaded, slow or draining.
-TRANSIENT = frozenset({
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.CANCELLED,
-})
+TRANSIENT = frozenset(grpc.StatusCode[name] for name in (
+    "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED"))
 # Mistakes in the request or the client's set-up: retrying cannot help.
-CLIENT_ERRORS = frozenset({
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.OUT_OF_RANGE,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNIMPLEMENTED,
-})
+CLIENT_ERRORS = frozenset(grpc.StatusCode[name] for name in (
+    "INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "NOT_FOUND", "UNAUTHENTICATED", "PERMISSION_DENIED",
+    "UNIMPLEMENTED"))
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -89,30 +74,6 @@ CHANNEL_OPTIONS = (
     # Our own retry loop decides where an attempt goes; no hidden retries underneath it.
     ("grpc.enable_retries", 0),
 )
-
-
-def connect_surrogate(cfg: SurrogateConfig) -> RemoteSurrogate:
-    """A client of the servers in ``cfg.endpoint`` (comma-separated host:port), with the run's token and timeout."""
-    endpoints = [e.strip() for e in (cfg.endpoint or "").split(",") if e.strip()]
-    return RemoteSurrogate(
-        endpoints,
-        token=read_token(cfg.auth_token_file),
-        tls_ca=cfg.tls_ca_file,
-        timeout=cfg.request_timeout,
-    )
-
-
-def read_token(path: str | None) -> str | None:
-    """The shared secret from ``path``, else from $SDCE_SURROGATE_TOKEN, else None (no auth)."""
-    if path:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise ValueError(f"surrogate.auth_token_file {path!r} does not exist")
-        token = file.read_text().strip()
-        if not token:
-            raise ValueError(f"surrogate.auth_token_file {path!r} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
 @dataclasses.dataclass(eq=False)
@@ -147,7 +108,8 @@ class RemoteSurrogate:
     """A ``SurrogateSource`` backed by one or more surrogate servers; thread-safe.
 
     Args:
-        endpoints: ``host:port`` of each server; all must serve the same surrogate.
+        endpoints: ``host:port`` of each server (a list, or one comma-separated string); all
+            must serve the same surrogate.
         token: shared secret sent as ``authorization: Bearer <token>`` metadata (None: no auth).
         tls_ca: PEM file of the CA that signed the servers' certificates (None: plaintext).
         timeout: seconds one call may take, retries included, before SurrogateUnavailable.
@@ -158,7 +120,7 @@ class RemoteSurrogate:
 
     def __init__(
         self,
-        endpoints: list[str],
+        endpoints: list[str] | str,
         *,
         token: str | None = None,
         tls_ca: str | None = None,
@@ -166,6 +128,8 @@ class RemoteSurrogate:
         attempt_timeout: float | None = None,
         backoff: tuple[float, float] = (0.05, 2.0),
     ):
+        if isinstance(endpoints, str):
+            endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]
         if not endpoints:
             raise ValueError("no surrogate endpoint: pass --surrogate_endpoint host:port[,host:port...]")
         if timeout <= 0:
@@ -177,7 +141,7 @@ class RemoteSurrogate:
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout or (timeout / 2 if len(endpoints) > 1 else timeout)
         self.backoff = backoff
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = (("authorization", bearer(token)),) if token else ()
         credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()) if tls_ca else None
         self._endpoints = [self._open(address, credentials) for address in endpoints]
         self._lock = threading.Lock()
@@ -201,7 +165,12 @@ class RemoteSurrogate:
         return [e.address for e in self._endpoints]
 
     # -- what the server runs --------------------------------------------------------
-    def info(self) -> pb.InfoResponse:
+    def info(self) -> SurrogateInfo:
+        """What the first server that answers runs (asked once)."""
+        wire = self._wire_info()
+        return SurrogateInfo(wire.model_id, wire.vocab_size, wire.vocabulary_fingerprint, wire.dtype, wire.device)
+
+    def _wire_info(self) -> pb.InfoResponse:
         """GetInfo of the first server that answers (cached after the first call)."""
         if self._info is None:
             self._info = self._call("GetInfo", lambda ep, t: ep.stub.GetInfo(pb.InfoRequest(), **self._opts(t)))
@@ -211,12 +180,15 @@ class RemoteSurrogate:
         """Per-call keyword arguments: the deadline and the auth metadata."""
         return {"timeout": seconds, "metadata": self._metadata}
 
-    def vocabulary_spec(self) -> VocabularySpec:
+    def vocabulary(self) -> VocabularySpec:
         """The surrogate's vocabulary from the server, checked against the fingerprint GetInfo announces."""
-        info = self.info()
+        info = self._wire_info()
         request = pb.VocabularyRequest()
         response = self._call("GetVocabulary", lambda ep, t: ep.stub.GetVocabulary(request, **self._opts(t)))
-        spec = VocabularySpec.from_dict(json.loads(response.spec_json))
+        if response.HasField("vocabulary"):
+            spec = codec.decode_vocabulary(response.vocabulary)
+        else:  # a server of the first release
+            spec = VocabularySpec.from_json(response.spec_json)
         fingerprints = {spec.fingerprint(), response.fingerprint, info.vocabulary_fingerprint}
         if len(fingerprints) != 1:
             raise ValueError(
@@ -243,7 +215,7 @@ class RemoteSurrogate:
         Raises SurrogateUnavailable when no server answered within ``timeout`` seconds,
         ValueError when a server rejects the request as malformed.
         """
-        info = self.info()
+        info = self._wire_info()
         if not 1 <= k <= info.max_k:
             raise ValueError(f"k={k} is outside the server's range [1, {info.max_k}]: lower surrogate.k")
         if input_ids.numel() == 0:  # the server refuses empty requests; the engine answers them empty
@@ -302,7 +274,7 @@ class RemoteSurrogate:
     def _register(self, ep: _Endpoint, mask: pb.Tensor, permitted_id: str, deadline: float) -> None:
         """Register the mask on ``ep``, first checking that ``ep`` (new to us, or restarted) serves our surrogate."""
         info = ep.stub.GetInfo(pb.InfoRequest(), **self._opts(deadline - time.monotonic()))
-        expected = self.info()
+        expected = self._wire_info()
         if (info.vocabulary_fingerprint, info.vocab_size) != (expected.vocabulary_fingerprint, expected.vocab_size):
             raise ValueError(
                 f"surrogate server {ep.address} serves {info.model_id!r} (vocabulary "
@@ -448,6 +420,11 @@ class RemoteSurrogate:
         if w.reregistrations:
             stats["guidance_reregistrations"] = float(w.reregistrations)
         return stats
+
+    def healthy(self) -> bool:
+        """Whether some endpoint answered its latest attempt (no call is made)."""
+        with self._lock:
+            return any(e.failures == 0 for e in self._endpoints)
 
     def close(self) -> None:
         """Close the channels; calls still retrying (prefetches nobody will use) end at once with RuntimeError."""
