@@ -452,9 +452,10 @@ def platform(cfg: TrainingConfig) -> ModuleType:
 def _train_process(config: TrainConfig) -> TrainResult:
     """One training process: torchrun's, a TPU chip's, or the only one."""
     backend = platform(config.training).init_backend(config.training)
-    # One copy of the log, from rank 0. "trainer" gets its level too: a library imported
+    # One copy of the log, from rank 0. The project's loggers get their level too: a library imported
     # before train() (transformers imports torch_xla) may have configured the root logger.
-    logging.getLogger("trainer").setLevel(logging.INFO if backend.is_main else logging.WARNING)
+    for name in ("trainer", "surrogate_server"):
+        logging.getLogger(name).setLevel(logging.INFO if backend.is_main else logging.WARNING)
     if not backend.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     try:
