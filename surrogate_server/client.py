@@ -34,7 +34,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import grpc
 import torch
@@ -44,7 +44,10 @@ from protos.sdce.surrogate.v1 import surrogate_pb2_grpc as pb_grpc
 from surrogate_server import codec
 from surrogate_server.auth import TOKEN_ENV, bearer
 from surrogate_server.source import SurrogateInfo, SurrogateUnavailable, TopK
-from surrogate_server.vocabulary import VocabularySpec
+from surrogate_server.vocabulary import VocabularySpec, tokenizer_from_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,7 @@ class RemoteSurrogate:
         self._turn = itertools.count()
         self._window = _Window()
         self._info: pb.InfoResponse | None = None
+        self._vocabulary: pb.VocabularyResponse | None = None
         self._closed = threading.Event()
 
     @staticmethod
@@ -183,8 +187,7 @@ class RemoteSurrogate:
     def vocabulary(self) -> VocabularySpec:
         """The surrogate's vocabulary from the server, checked against the fingerprint GetInfo announces."""
         info = self._wire_info()
-        request = pb.VocabularyRequest()
-        response = self._call("GetVocabulary", lambda ep, t: ep.stub.GetVocabulary(request, **self._opts(t)))
+        response = self._vocabulary_response()
         if response.HasField("vocabulary"):
             spec = codec.decode_vocabulary(response.vocabulary)
         else:  # a server of the first release
@@ -200,6 +203,21 @@ class RemoteSurrogate:
             ",".join(self.endpoints), info.model_id, len(spec.tokens), spec.family, info.dtype, info.device,
         )
         return spec
+
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        """The surrogate's tokenizer, sent by the server (no download); checked against its vocabulary."""
+        if not self._vocabulary_response().tokenizer_json:
+            raise ValueError(f"surrogate server {self.endpoints[0]} sends no tokenizer (a first-release server): "
+                             "upgrade it, or use --surrogate_alignment tokens")
+        return tokenizer_from_json(self._vocabulary_response().tokenizer_json, self.vocabulary())
+
+    def _vocabulary_response(self) -> pb.VocabularyResponse:
+        """GetVocabulary of the first server that answers (asked once: the tokenizer is megabytes)."""
+        if self._vocabulary is None:
+            request = pb.VocabularyRequest()
+            self._vocabulary = self._call("GetVocabulary",
+                                          lambda ep, t: ep.stub.GetVocabulary(request, **self._opts(t)))
+        return self._vocabulary
 
     # -- guidance ----------------------------------------------------------------------
     def topk(

@@ -64,7 +64,7 @@ class SurrogateEngine:
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         self.model = model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
         self.chunk_tokens = chunk_tokens
         self._decoder: nn.Module = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
@@ -75,6 +75,7 @@ class SurrogateEngine:
         self.vocab_size: int = self._lm_head.weight.shape[0]
         self.device: torch.device = self._lm_head.weight.device
         self.dtype: torch.dtype = self._lm_head.weight.dtype
+        self.max_positions: int | None = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self.lazy = self.device.type == "xla"
         if self.lazy:
             self._decoder = _BoolMaskDecoder(self._decoder)
@@ -151,18 +152,25 @@ class SurrogateEngine:
 
     def vocabulary(self) -> VocabularySpec:
         """The tokenizer's vocabulary spec, computed once."""
-        if self.tokenizer is None:
-            raise ValueError("this engine has no tokenizer; pass one to SurrogateEngine(model, tokenizer)")
         if self._vocabulary is None:
-            self._vocabulary = vocabulary_spec(self.tokenizer)
+            self._vocabulary = vocabulary_spec(self.tokenizer())
         return self._vocabulary
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
+
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            raise ValueError("this engine has no tokenizer; pass one to SurrogateEngine(model, tokenizer)")
+        return self._tokenizer
 
     def info(self) -> SurrogateInfo:
         config = self.model.config
         return SurrogateInfo(
             model_id=getattr(config, "_name_or_path", "") or type(self.model).__name__,
             vocab_size=self.vocab_size,
-            vocabulary_fingerprint=self.vocabulary().fingerprint() if self.tokenizer is not None else "",
+            vocabulary_fingerprint=self.vocabulary().fingerprint() if self.has_tokenizer else "",
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
         )
@@ -201,7 +209,7 @@ class SurrogateEngine:
         model = self.model.to(device)
         if hasattr(model, "tie_weights"):
             model.tie_weights()
-        moved = SurrogateEngine(model, self.tokenizer, chunk_tokens=self.chunk_tokens)
+        moved = SurrogateEngine(model, self._tokenizer, chunk_tokens=self.chunk_tokens)
         got = moved.topk(probe.to(moved.device), probe_mask.to(moved.device), 8).logprobs.cpu()
         tolerance = atol if atol is not None else (5e-2 if moved.dtype == torch.bfloat16 else 1e-3)
         finite = torch.isfinite(expected)
@@ -277,6 +285,10 @@ class SurrogateEngine:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} "
                              f"must equal input_ids shape {tuple(input_ids.shape)}")
+        if self.max_positions is not None and input_ids.shape[1] > self.max_positions:
+            raise ValueError(f"sequences of {input_ids.shape[1]} surrogate tokens exceed the surrogate's "
+                             f"max_position_embeddings = {self.max_positions}: lower data.max_seq_length "
+                             "(or surrogate.length_ratio)")
         if permitted is not None and (permitted.dtype != torch.bool or permitted.dim() != 1
                                       or permitted.shape[0] > self.vocab_size):
             raise ValueError(f"permitted must be a 1-D bool tensor of length <= {self.vocab_size}, "

@@ -158,7 +158,7 @@ class ServingCore:
         self.draining = False
         self._streams: set[asyncio.Task[None]] = set()  # stream readers, stopped when draining
         self._permitted: OrderedDict[str, tuple[Tensor, int]] = OrderedDict()
-        self._spec = engine.vocabulary() if engine.tokenizer is not None else None
+        self._spec = engine.vocabulary() if engine.has_tokenizer else None
         text_config = engine.model.config.get_text_config()
         self._max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
         self._info = self._build_info()
@@ -215,7 +215,8 @@ class ServingCore:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                "this server's model was loaded without a tokenizer; it has no vocabulary to send")
         return pb.VocabularyResponse(spec_json=self._spec.to_json(), vocabulary=codec.encode_vocabulary(self._spec),
-                                     fingerprint=self._info.vocabulary_fingerprint)
+                                     fingerprint=self._info.vocabulary_fingerprint,
+                                     tokenizer_json=self.engine.tokenizer().backend_tokenizer.to_str())
 
     def register_permitted(self, request: pb.RegisterPermittedRequest) -> pb.RegisterPermittedResponse:
         """Store a permitted-id mask under its content address (LRU-bounded)."""
@@ -304,7 +305,8 @@ class ServingCore:
         return self.engine.topk(input_ids, attention_mask, k, permitted)
 
     def _build_info(self) -> pb.InfoResponse:
-        info, spec, tokenizer = self.engine.info(), self._spec, self.engine.tokenizer
+        info, spec = self.engine.info(), self._spec
+        tokenizer = self.engine.tokenizer() if spec is not None else None
         return pb.InfoResponse(
             protocol_version=PROTOCOL_VERSION, server_version=SERVER_VERSION,
             model_id=self.config.model_id or info.model_id, vocab_size=info.vocab_size,

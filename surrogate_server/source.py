@@ -7,12 +7,15 @@ server) both implement ``SurrogateSource``; the trainer depends on nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from surrogate_server.vocabulary import VocabularySpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Dtype names, as configs (model.dtype, surrogate.dtype, the server's --dtype) and SurrogateInfo.dtype spell them.
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,6 +68,10 @@ class SurrogateSource(Protocol):
         ...
 
     def vocabulary(self) -> VocabularySpec: ...
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The surrogate's own tokenizer: byte-aligned guidance (docs/method.md §2b) encodes text with it."""
+        ...
 
     def info(self) -> SurrogateInfo: ...
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 FAMILIES = ("byte_level", "sentencepiece", "wordpiece")
 # Role-matching order: where one id holds several roles (GPT-2's <|endoftext|> is
@@ -102,6 +102,23 @@ def vocabulary_spec(tokenizer: PreTrainedTokenizerBase) -> VocabularySpec:
         i for i, added in backend.get_added_tokens_decoder().items() if added.special and i not in roles.values()
     )
     return VocabularySpec(tokens=tokens, family=_family(backend), special_tokens=roles, control_ids=control)
+
+
+def tokenizer_from_json(tokenizer_json: str, spec: VocabularySpec) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer from its ``tokenizer.json`` text and the special-token roles of ``spec``.
+
+    What a trainer rebuilds from a surrogate server's GetVocabulary; ValueError unless its own
+    spec equals ``spec`` (same tokens, family, roles).
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    roles = {f"{role}_token": spec.tokens[i] for role, i in spec.special_tokens.items()}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), **roles)
+    if vocabulary_spec(tokenizer).fingerprint() != spec.fingerprint():
+        raise ValueError("the surrogate's tokenizer.json does not match its vocabulary: the server sends a "
+                         "tokenizer other than its model's")
+    return tokenizer
 
 
 def _family(backend: Tokenizer) -> str:

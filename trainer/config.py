@@ -25,6 +25,7 @@ MIXED_PRECISION = ("no", *MIXED_PRECISION_DTYPES)
 DEVICES = ("auto", "cuda", "cpu", "mps", "tpu")
 DTYPES = ("auto", *TORCH_DTYPES)
 ON_FAILURE = ("skip", "fail")
+ALIGNMENTS = ("bytes", "tokens")
 
 
 @dataclass
@@ -62,6 +63,19 @@ class SurrogateConfig:
     probability_threshold: float = option(0.02, "Drop candidates whose surrogate probability is below this.")
     loss_weight_initial: float = option(1.0, "Surrogate-loss weight at step 0.", "surrogate_loss_weight_initial")
     loss_weight_final: float = option(0.0, "Surrogate-loss weight at the last step (cosine decay).", "surrogate_loss_weight_final")
+    alignment: str = option(
+        "bytes",
+        "What the surrogate reads: bytes = the block's text in its own tokenization (docs/method.md §2b); "
+        "tokens = the base ids mapped one by one (§2).",
+        "surrogate_alignment",
+        choices=ALIGNMENTS,
+    )
+    length_ratio: float = option(
+        1.25,
+        "alignment bytes: surrogate tokens per base token of a block; the surrogate reads S = ratio x "
+        "max_seq_length tokens, rounded up to a multiple of 8 (a longer text is cut; the cut is logged).",
+        "surrogate_length_ratio",
+    )
     chunk_tokens: int = option(1024, "Positions per lm_head/log-softmax/top-k chunk in the surrogate engine.", "surrogate_chunk_tokens")
     min_coverage: float = option(0.3, "Fail when fewer than this share of base tokens map to the surrogate vocabulary.")
     prefetch_depth: int = option(2, "Micro-batches of guidance requested ahead of training (remote surrogate).")
@@ -84,10 +98,13 @@ class SurrogateConfig:
             )
         if not 0.0 <= self.min_coverage <= 1.0:
             raise ValueError(f"surrogate.min_coverage must be in [0, 1], got {self.min_coverage}")
+        if self.length_ratio <= 0:
+            raise ValueError(f"surrogate.length_ratio must be > 0, got {self.length_ratio}")
         if self.chunk_tokens < 1 or self.prefetch_depth < 0:
             raise ValueError("surrogate.chunk_tokens must be >= 1 and surrogate.prefetch_depth >= 0")
         check_choice("surrogate.dtype", self.dtype, DTYPES)
         check_choice("surrogate.on_failure", self.on_failure, ON_FAILURE)
+        check_choice("surrogate.alignment", self.alignment, ALIGNMENTS)
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Surrogate guidance for training batches: surrogate inputs in, fixed-size base-id candidates out.
 
 A ``Guide`` runs docs/method.md §2-§3 around a ``SurrogateSource`` (the in-process
-engine or a client of the surrogate server): map base ids to surrogate ids
-(``surrogate_inputs``), ask for the top k (+1 so the target can be dropped), and
-select the candidates (``select_candidates``, the one place that decides which
+engine or a client of the surrogate server): build the surrogate's input (with
+``alignment: bytes`` the block's text in the surrogate's own tokenization, made in the
+DataLoader by ``SurrogateInputs``; with ``tokens`` the base ids mapped one by one,
+``surrogate_inputs``), ask for the top k (+1 so the target can be dropped), bring the
+answers to the base positions (``at_base_positions``), and select the candidates (``select_candidates``, the one place that decides which
 survive: permitted, not the target, above the threshold). ``guided_batches``
 attaches them to each micro-batch, optionally requesting a few micro-batches ahead
 in background threads.
@@ -20,14 +22,15 @@ import logging
 import math
 import threading
 import time
-from typing import Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 from torch import Tensor
+from torch.utils.data import default_collate
 
 from surrogate_server.source import SurrogateSource, SurrogateUnavailable
 from surrogate_server.vocabulary import VocabularySpec
-from trainer.alignment import VocabAlignment
+from trainer.alignment import ByteAligner, VocabAlignment
 from trainer.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -153,6 +156,44 @@ def select_candidates(
     return cand_ids, cand_logprobs
 
 
+def at_base_positions(topk_ids: Tensor, topk_logprobs: Tensor, guide_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Surrogate-position top-k [B, S, K'] -> base-position top-k [B, T, K'] (docs/method.md §2b).
+
+    Base position t takes surrogate position guide_index[b, t]; rows with guide_index < 0 are empty
+    (ids -1, log-probs -inf). A gather: static shapes.
+    """
+    index = guide_index.to(topk_ids.device).long()
+    unguided = (index < 0).unsqueeze(-1)
+    index = index.clamp(min=0).unsqueeze(-1).expand(-1, -1, topk_ids.shape[-1])
+    ids = topk_ids.gather(1, index).masked_fill(unguided, -1)
+    logprobs = topk_logprobs.gather(1, index).masked_fill(unguided, -math.inf)
+    return ids, logprobs
+
+
+class SurrogateInputs:
+    """A DataLoader ``collate_fn`` adding the byte-aligned surrogate input to each batch (docs/method.md §2b).
+
+    Adds ``surrogate_ids`` and ``surrogate_mask`` [B, S] and ``guide_index`` [B, T]; runs in the
+    loader's workers, off the training step (and outside any compiled graph).
+    """
+
+    def __init__(self, aligner: ByteAligner):
+        self.aligner = aligner
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Batch:
+        batch = default_collate(rows)
+        surrogate_ids, surrogate_mask, guide_index = self.aligner(batch["input_ids"])
+        return {**batch, "surrogate_ids": surrogate_ids, "surrogate_mask": surrogate_mask, "guide_index": guide_index}
+
+    def measure(self, input_ids: Tensor, labels: Tensor) -> dict[str, float]:
+        """Guided and truncated shares of the labelled positions of some blocks, and base tokens/s of the alignment."""
+        started = time.perf_counter()
+        counts = self.aligner.align(input_ids).counts(labels)
+        seconds = time.perf_counter() - started
+        return {"guided_share": counts.guided_share, "truncated_share": counts.truncated_share,
+                "tokens_per_s": input_ids.numel() / max(seconds, 1e-9)}
+
+
 def placeholder_id(spec: VocabularySpec) -> int:
     """The surrogate id put where a base token has no surrogate match (it is masked anyway)."""
     for role in ("pad", "eos", "unk", "bos"):
@@ -174,9 +215,11 @@ class Guide:
         loss_type: str,
         placeholder: int = 0,
         on_failure: str = "fail",
+        inputs: SurrogateInputs | None = None,
     ):
         self.source = source
         self.alignment = alignment
+        self.inputs = inputs  # the training loader's collate_fn with alignment: bytes; None for tokens
         self.k = k
         self.exclude_target = loss_type == "surrogate"
         # kl keeps the target and applies no threshold (docs/method.md §3).
@@ -195,16 +238,25 @@ class Guide:
             self._on_device[device] = self.alignment.to(device)
         return self._on_device[device]
 
-    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids, labels [B,T] -> cand_ids [B,T,k] long, cand_logprobs [B,T,k] float32 (on the source's device)."""
-        here = self._alignment_on(input_ids.device)
-        s_ids, s_mask = surrogate_inputs(input_ids, here, self.placeholder)
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's candidates: cand_ids [B,T,k] long, cand_logprobs [B,T,k] float32 (on the source's device).
+
+        Byte-aligned when the batch carries ``guide_index`` (from ``SurrogateInputs``), else id by id.
+        """
+        here = self._alignment_on(batch["input_ids"].device)
+        if "guide_index" in batch:
+            s_ids, s_mask = batch["surrogate_ids"], batch["surrogate_mask"]
+        else:
+            s_ids, s_mask = surrogate_inputs(batch["input_ids"], here, self.placeholder)
         top = self.source.topk(s_ids, s_mask, self.request_k, here.permitted, self.logprob_floor)
-        alignment = self._alignment_on(top.ids.device)
+        top_ids, top_logprobs = top.ids, top.logprobs
+        if "guide_index" in batch:
+            top_ids, top_logprobs = at_base_positions(top_ids, top_logprobs, batch["guide_index"])
+        alignment = self._alignment_on(top_ids.device)
         return select_candidates(
-            top.ids,
-            top.logprobs,
-            labels.to(top.ids.device),
+            top_ids,
+            top_logprobs,
+            batch["labels"].to(top_ids.device),
             alignment,
             self.k,
             self.threshold,
@@ -214,7 +266,7 @@ class Guide:
     def attach(self, batch: Batch) -> Batch:
         """The batch with its candidates; empty candidates (CE alone) when the surrogate is down and on_failure is skip."""
         try:
-            cand_ids, cand_logprobs = self(batch["input_ids"], batch["labels"])
+            cand_ids, cand_logprobs = self(batch)
         except SurrogateUnavailable as err:
             if self.on_failure != "skip":
                 raise

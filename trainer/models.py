@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -10,10 +11,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from surrogate_server.engine import explain_load_errors
 from surrogate_server.source import TORCH_DTYPES, SurrogateSource
-from trainer.alignment import align_vocabularies
+from trainer.alignment import ByteAligner, align_vocabularies
 from trainer.config import ModelConfig, SurrogateConfig, TrainConfig
 from trainer.device import Backend
-from trainer.guidance import Guide, placeholder_id
+from trainer.guidance import Guide, SurrogateInputs, placeholder_id
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,10 @@ def build_guide(config: TrainConfig, tokenizer, device: torch.device, sample_tex
     spec = source.vocabulary()
     alignment = align_vocabularies(tokenizer, spec, sample_text=sample_text, min_coverage=scfg.min_coverage)
     log.info("vocabulary alignment: %s", alignment)
+    inputs = None
+    if scfg.alignment == "bytes":
+        length = 8 * math.ceil(scfg.length_ratio * config.data.max_seq_length / 8)
+        inputs = SurrogateInputs(ByteAligner(tokenizer, source.tokenizer(), max_surrogate_tokens=length))
     return Guide(
         source,
         alignment,
@@ -90,5 +95,6 @@ def build_guide(config: TrainConfig, tokenizer, device: torch.device, sample_tex
         loss_type=config.training.loss_type,
         placeholder=placeholder_id(spec),
         on_failure=scfg.on_failure,
+        inputs=inputs,
     )
 

@@ -134,6 +134,8 @@ def test_remote_topk_equals_the_in_process_engine(server, base_dir, surrogate_di
     with RemoteSurrogate([server.grpc], timeout=10) as client:
         spec = client.vocabulary()
         assert spec == engine.vocabulary()
+        text = "\n".join(texts[:3]) + " <s> literal specials </s>"
+        assert client.tokenizer()(text)["input_ids"] == engine.tokenizer()(text)["input_ids"]  # sent by the server
         alignment = align_vocabularies(base_tokenizer, spec, sample_text=texts[0])
         base_ids = torch.tensor(base_tokenizer("\n".join(texts[:20]))["input_ids"][: 3 * SEQ_LEN]).view(3, SEQ_LEN)
         s_ids, s_mask = surrogate_inputs(base_ids, alignment, placeholder_id(spec))

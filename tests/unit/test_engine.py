@@ -233,7 +233,7 @@ def test_from_pretrained_local_directory_round_trips(tmp_path, batch: tuple[torc
     ids, mask = batch
     assert_matches(engine.topk(ids, mask, k=4), reference_topk(model, ids, mask, 4),
                    reference_logprobs(model, ids, mask))
-    assert engine.tokenizer("w3 w7")["input_ids"] == [5, 9]
+    assert engine.tokenizer()("w3 w7")["input_ids"] == [5, 9]
     assert (engine.vocab_size, engine.dtype, engine.device, engine.chunk_tokens) == (VOCAB, torch.float32,
                                                                                       torch.device("cpu"), 7)
     assert not any(p.requires_grad for p in engine.model.parameters()) and not engine.model.training

@@ -1,4 +1,4 @@
-"""select_candidates and surrogate_inputs against slow, obvious per-position references."""
+"""select_candidates, surrogate_inputs and at_base_positions against slow, obvious per-position references."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from trainer.guidance import select_candidates, surrogate_inputs
+from trainer.guidance import at_base_positions, select_candidates, surrogate_inputs
 
 IGNORE = -100
 
@@ -191,3 +191,19 @@ def test_accepts_the_real_vocab_alignment() -> None:
     want = select_candidates(topk_ids, topk_lp, labels, tables, 5, 0.02)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(surrogate_inputs(labels.clamp(min=0), real)[0], surrogate_inputs(labels.clamp(min=0), tables)[0])
+
+
+def test_at_base_positions_reads_each_guided_position_and_blanks_the_rest() -> None:
+    topk_ids, topk_lp = make_topk(2, 7, 50, width=4, seed=5)  # [B, S=7, 4]
+    g = torch.Generator().manual_seed(6)
+    guide_index = torch.randint(-1, 7, (2, 5), generator=g)  # [B, T=5], -1 = unguided
+    ids, lps = at_base_positions(topk_ids, topk_lp, guide_index)
+    assert ids.shape == lps.shape == (2, 5, 4)
+    for b in range(2):
+        for t in range(5):
+            s = int(guide_index[b, t])
+            if s < 0:
+                assert (ids[b, t] == -1).all() and torch.isneginf(lps[b, t]).all()
+            else:
+                assert torch.equal(ids[b, t], topk_ids[b, s]) and torch.equal(lps[b, t], topk_lp[b, s])
+

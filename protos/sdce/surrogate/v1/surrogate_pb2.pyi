@@ -99,14 +99,16 @@ class Vocabulary(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[str]] = ..., family: _Optional[str] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., control_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VocabularyResponse(_message.Message):
-    __slots__ = ("spec_json", "fingerprint", "vocabulary")
+    __slots__ = ("spec_json", "fingerprint", "vocabulary", "tokenizer_json")
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCABULARY_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     spec_json: str
     fingerprint: str
     vocabulary: Vocabulary
-    def __init__(self, spec_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocabulary: _Optional[_Union[Vocabulary, _Mapping]] = ...) -> None: ...
+    tokenizer_json: str
+    def __init__(self, spec_json: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocabulary: _Optional[_Union[Vocabulary, _Mapping]] = ..., tokenizer_json: _Optional[str] = ...) -> None: ...
 
 class RegisterPermittedRequest(_message.Message):
     __slots__ = ("mask",)
