@@ -35,6 +35,7 @@ import torch
 from tokenizers import Tokenizer
 
 from surrogate_server.vocabulary import BYTE_PIECE, ROLES, VocabularySpec, token_bytes, vocabulary_spec
+from trainer.losses import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -171,7 +172,6 @@ def _coverage(
 
 
 # -- byte-aligned surrogate input (docs/method.md §2b) --------------------------------
-_IGNORE_INDEX = -100  # trainer.data.IGNORE_INDEX: a position without a label
 # What a surrogate token that stands for no text (an unknown piece) reads as: a byte UTF-8 text never holds,
 # so a reading with one never equals the text.
 _UNREADABLE = b"\xff"
@@ -220,7 +220,7 @@ class ByteAlignedBatch:
 
     def counts(self, labels: torch.Tensor | None = None) -> AlignmentCounts:
         """Guided and truncated positions among the labelled ones (labels [B, T], -100 = no label)."""
-        labelled = torch.ones_like(self.truncated) if labels is None else labels != _IGNORE_INDEX
+        labelled = torch.ones_like(self.truncated) if labels is None else labels != IGNORE_INDEX
         return AlignmentCounts(
             positions=int(labelled.sum()),
             guided=int((labelled & (self.guide_index >= 0)).sum()),
