@@ -5,7 +5,7 @@ ServingCore (same batcher: HTTP and gRPC requests share forward batches).
 
     GET  /healthz        200 while the process runs (open)
     GET  /readyz         200 when the model is loaded and the server is not draining, else 503 (open)
-    GET  /metrics        Prometheus text format
+    GET  /metrics        Prometheus text format (also, without auth, alone on --metrics_port: build_metrics_app)
     GET  /v1/info        InfoResponse as JSON (proto field names)
     GET  /v1/vocabulary  VocabularyResponse as JSON
     POST /v1/permitted   msgpack {"mask": Tensor} -> msgpack {"permitted_id": str, "permitted_count": int}
@@ -21,8 +21,10 @@ msgpack bodies carry the proto's fields under the same names; a Tensor is a map
 
 Errors answer JSON ``{"code": "INVALID_ARGUMENT", "message": "..."}`` with 400 (invalid
 argument), 401 (auth), 404 (unknown permitted set), 413 (body over --max_message_mb),
-429 (queue full), 503 (draining) or 500. With a token configured, every route but
-/healthz and /readyz needs the header ``Authorization: Bearer <token>``.
+429 (queue full), 503 (draining), 499 (the client left before the end of its body) or
+500 (a bug in the server). With a token configured, every route but /healthz and /readyz
+needs the header ``Authorization: Bearer <token>``; it is checked before the body is read,
+and the body is read only up to the limit (chunked ones too).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import ClientDisconnect
 
 from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
 from surrogate_server.auth import TOKEN_ENV, authorized
@@ -48,6 +51,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.CANCELLED: 499,  # the client went away (nginx's code); nobody reads the answer
 }
 _TENSOR_KEYS = {"dtype", "shape", "data"}
 _REQUEST_TENSORS = {"topk": ("input_ids", "attention_mask"), "permitted": ("mask",)}
@@ -82,7 +86,7 @@ def build_app(state: ServingCore) -> FastAPI:
 
     @app.get("/metrics", dependencies=authorized)
     async def metrics() -> Response:
-        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        return _exposition(state)
 
     @app.get("/v1/info", dependencies=authorized)
     async def info() -> dict[str, Any]:
@@ -109,6 +113,21 @@ def build_app(state: ServingCore) -> FastAPI:
         })
 
     return app
+
+
+def build_metrics_app(state: ServingCore) -> FastAPI:
+    """Only ``GET /metrics``, open: served on --metrics_port for scrapers that carry no token."""
+    app = FastAPI(title="SDCE surrogate server metrics", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return _exposition(state)
+
+    return app
+
+
+def _exposition(state: ServingCore) -> Response:
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def tensor_to_dict(tensor: pb.Tensor) -> dict[str, Any]:
@@ -159,15 +178,20 @@ def _decode_body(body: bytes, kind: str) -> dict[str, Any]:
 
 
 async def _body(request: Request, state: ServingCore) -> bytes:
-    """The request body, refused with 413 beyond the message limit."""
+    """The request body, read only up to the message limit: beyond it 413 (declared or chunked alike)."""
     limit = state.config.max_message_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
-    body = await request.body()
-    if len(body) > limit:
-        raise _too_large(len(body), limit)
-    return body
+        raise _too_large(f"the body has {declared} bytes", limit)
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(f"the body has more than {limit} bytes", limit)
+    except ClientDisconnect as err:
+        raise ServiceError(grpc.StatusCode.CANCELLED, "the client disconnected before the end of the body") from err
+    return bytes(body)
 
 
 class _TooLarge(ServiceError):
@@ -176,9 +200,9 @@ class _TooLarge(ServiceError):
     http_status = 413
 
 
-def _too_large(size: int, limit: int) -> ServiceError:
-    return _TooLarge(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the body has {size} bytes, over the {limit}-byte "
-                     "limit (--max_message_mb); send smaller batches")
+def _too_large(size: str, limit: int) -> ServiceError:
+    return _TooLarge(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{size}, over the {limit}-byte limit "
+                     "(--max_message_mb); send smaller batches")
 
 
 async def _check_token(state: ServingCore, request: Request) -> None:

@@ -3,8 +3,9 @@
     with ServerProcess("path/to/model", "--max_wait_ms", "5") as server:
         train(config_with(endpoint=server.grpc))
 
-``start()`` returns once the server printed its ready line; ``restart()`` brings it
-back on the same gRPC port (what a trainer sees when a server node restarts).
+``start()`` returns once the server printed its ready line (``grpc``, ``http`` and, with
+``--metrics_port``, ``metrics`` then hold the addresses); ``restart()`` brings it back on
+the same gRPC port (what a trainer sees when a server node restarts).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
-_READY = re.compile(r"ready grpc=(\S+) http=(\S+)")
+_READY = re.compile(r"ready grpc=(\S+) http=(\S+)(?: metrics=(\S+))?")
 
 
 class ServerProcess:
@@ -40,6 +41,7 @@ class ServerProcess:
         self.cwd = cwd
         self.port = 0  # the gRPC port; kept across restarts once known
         self.grpc = self.http = ""  # HOST:PORT addresses, set by start()
+        self.metrics = ""  # HOST:PORT of the open /metrics port, with "--metrics_port", PORT among the flags
         self.proc: subprocess.Popen | None = None
         self.log: collections.deque[str] = collections.deque(maxlen=500)  # stdout and stderr, last lines
 
@@ -60,7 +62,7 @@ class ServerProcess:
         for line in proc.stdout:
             self.log.append(line.rstrip())
             if match := _READY.match(line):
-                self.grpc, self.http = match[1], match[2]
+                self.grpc, self.http, self.metrics = match[1], match[2], match[3] or ""
                 self.port = int(self.grpc.rsplit(":", 1)[1])
                 ready.set()
         ready.set()  # the process ended: start() notices and reports the output

@@ -5,8 +5,11 @@
     await core.start()             # health SERVING
     await server.start()
     ...
-    await core.start_draining()    # health NOT_SERVING, open streams end after their in-flight work
-    await server.stop(grace=30)    # refuse new RPCs, finish in-flight ones
+    deadline = time.monotonic() + 30
+    await core.start_draining()    # health NOT_SERVING, watches end; calls already sent taken in, then
+                                   # new TopK calls UNAVAILABLE and open streams stop reading
+    await core.wait_idle(deadline) # every call received answered, and no new ones arriving
+    await server.stop(grace=1)     # only now: grpc's stop cancels calls it holds but has not handed over
     await core.close()
 
 ``ServingCore`` holds what the gRPC edge (``GrpcEdge``) and the HTTP edge (``surrogate_server.http``) share: the
@@ -19,6 +22,14 @@ Auth: with ``ServerConfig.auth_token`` set, every RPC must carry the metadata
 ``authorization: Bearer <token>``, or it fails with UNAUTHENTICATED. The standard health
 service stays open (load balancers and orchestrators probe without secrets; it reveals
 nothing but SERVING / NOT_SERVING). Reflection requires the token like everything else.
+
+Every RPC passes :class:`EdgeInterceptor` before a byte of it is parsed: auth first, then
+the request messages are parsed by the edge, so bytes that are not the method's message
+answer INVALID_ARGUMENT (grpc's own parsing would answer UNKNOWN and log a traceback).
+A ``TopKStream`` ends with OK once the client closed its side and every request is
+answered; with INVALID_ARGUMENT when a message on it does not parse, and with UNAVAILABLE
+when the server starts draining: in both cases after the answers owed for the requests
+before that point, and requests after it were not run (send them again, elsewhere).
 """
 
 from __future__ import annotations
@@ -37,7 +48,8 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from torch import Tensor
@@ -58,6 +70,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Surrogate"].full_name  # "sdce.su
 PROTOCOL_VERSION = 1
 SERVER_VERSION = "0.1.0"
 _OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+_SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+_QUIET_S = 0.2  # draining: a pause in arrivals this long means grpc holds no call not yet handed over
+_BACKLOG_S = 1.0  # draining: how long calls are still taken in while they keep arriving (the backlog)
 
 
 @dataclass
@@ -145,6 +160,66 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class Health(health_pb2_grpc.HealthServicer):
+    """The standard ``grpc.health.v1`` service, whose ``Watch`` streams end when draining starts.
+
+    grpcio-health-checking's aio servicer keeps a ``Watch`` open until its client leaves,
+    so one watcher held every graceful stop for the whole grace period. Here a watch sends
+    each change and, once the server drains, NOT_SERVING and then ends (status OK).
+    """
+
+    def __init__(self) -> None:
+        self._status = {"": _SERVING}
+        self._draining = False
+        self._changed: asyncio.Event | None = None  # set, then replaced, at every change; made on the loop
+
+    def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        """Set ``service``'s status (ignored once draining: it stays NOT_SERVING)."""
+        if not self._draining:
+            self._status[service] = status
+            self._notify()
+
+    def enter_graceful_shutdown(self) -> None:
+        """Every service NOT_SERVING for good; open watches send it and end."""
+        self._status = dict.fromkeys(self._status, _NOT_SERVING)
+        self._draining = True
+        self._notify()
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        if request.service not in self._status:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no service {request.service!r} here; ask for "
+                                f"one of {sorted(self._status)}")
+        return health_pb2.HealthCheckResponse(status=self._status[request.service])
+
+    async def List(self, request: health_pb2.HealthListRequest,
+                   context: grpc.aio.ServicerContext) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._status.items()})
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        last = None
+        while True:
+            changed = self._event()
+            status = self._status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self._draining:
+                return
+            await changed.wait()
+
+    def _event(self) -> asyncio.Event:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+
 class ServingCore:
     """What the gRPC and HTTP edges share; see the module docstring."""
 
@@ -153,10 +228,13 @@ class ServingCore:
         self.config = config or ServerConfig()
         self.metrics = Metrics()
         self.batcher = DynamicBatcher(self._forward, self.config.batcher, observer=self.metrics)
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
         self.started = False
-        self.draining = False
-        self._streams: set[asyncio.Task[None]] = set()  # stream readers, stopped when draining
+        self.draining = False  # health NOT_SERVING, shutting down
+        self.refusing = False  # draining, and new TopK calls get UNAVAILABLE
+        self._streams: set[asyncio.Task[None]] = set()  # stream readers, stopped when refusing
+        self._calls: set[asyncio.Task[Any]] = set()  # Surrogate RPCs running (each whole call, sending included)
+        self._last_arrival = -math.inf  # time.monotonic() when the newest RPC arrived
         self._permitted: OrderedDict[str, tuple[Tensor, int]] = OrderedDict()
         self._spec = engine.vocabulary() if engine.has_tokenizer else None
         text_config = engine.model.config.get_text_config()
@@ -172,16 +250,47 @@ class ServingCore:
         """Mark the service SERVING (idempotent)."""
         if not self.started:
             for name in ("", SERVICE_NAME):
-                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+                self.health.set(name, _SERVING)
             self.started = True
 
-    async def start_draining(self) -> None:
-        """Health NOT_SERVING, refuse new requests, let open streams end after their in-flight work."""
+    async def start_draining(self, deadline: float = math.inf) -> None:
+        """Health NOT_SERVING (watches end); then, once arrivals pause (at most 1 s, or until
+        ``deadline``, a ``time.monotonic()`` value), new TopK calls UNAVAILABLE and open
+        streams stop reading.
+
+        The pause lets in what clients sent before the signal but grpc has not handed over
+        yet (a burst sent just before SIGTERM): it is answered, not refused.
+        """
         if not self.draining:
             self.draining = True
-            await self.health.enter_graceful_shutdown()
+            self.health.enter_graceful_shutdown()
+            await self.wait_idle(min(time.monotonic() + _BACKLOG_S, deadline), running=False)
+            self.refusing = True
             for reader in list(self._streams):
                 reader.cancel()
+
+    def arrived(self, call: asyncio.Task[Any] | None) -> None:
+        """Note an RPC that has just arrived; ``call`` (its task) is in flight until it ends."""
+        self._last_arrival = time.monotonic()
+        if call is not None:
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
+
+    async def wait_idle(self, deadline: float, quiet_s: float = _QUIET_S, running: bool = True) -> bool:
+        """Wait until no RPC arrived for ``quiet_s`` and (``running``) no Surrogate RPC runs; False if
+        ``deadline`` (a ``time.monotonic()`` value) came first.
+
+        grpc's ``server.stop`` cancels the calls its core has received but not yet handed
+        to the application, so it is called only after arrivals have stopped: until then
+        each new call is answered (TopK: UNAVAILABLE).
+        """
+        while True:
+            now = time.monotonic()
+            if not (running and self._calls) and now - self._last_arrival >= quiet_s:
+                return True
+            if now >= deadline:
+                return False
+            await asyncio.sleep(0.01)
 
     async def close(self, timeout: float | None = None) -> None:
         """Drain and stop the batcher (queued requests still run)."""
@@ -239,9 +348,8 @@ class ServingCore:
 
     async def topk(self, request: pb.TopKRequest) -> pb.TopKResponse:
         """Validate, queue for a shared forward, encode compactly."""
-        if self.draining:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is draining (shutting down); "
-                               "send the request to another replica or retry after it restarts")
+        if self.refusing:
+            raise _draining()
         job = self._job(request)
         try:
             result = await self.batcher.submit(job)
@@ -316,6 +424,12 @@ class ServingCore:
             max_tokens_per_request=self.config.max_tokens_per_request, dtype=info.dtype, device=info.device)
 
 
+def _draining(detail: str = "") -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is draining (shutting down)"
+                        f"{'; ' + detail if detail else ''}; send the request to another replica or retry "
+                        "after it restarts")
+
+
 def _unpack(message: pb.Tensor, name: str, **kwargs: Any) -> np.ndarray:
     """codec.unpack with its ValueError as INVALID_ARGUMENT."""
     try:
@@ -347,32 +461,40 @@ class GrpcEdge(pb_grpc.SurrogateServicer):
 
     async def TopKStream(self, request_iterator: AsyncIterator[pb.TopKRequest],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TopKResponse]:
-        """Answers in completion order. Draining stops reading; the stream ends once answered."""
-        responses: asyncio.Queue[pb.TopKResponse | None] = asyncio.Queue()
+        """Answers in completion order; how the stream ends: see the module docstring."""
+        if self._core.refusing:
+            raise _draining()
+        responses: asyncio.Queue[pb.TopKResponse | ServiceError | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.TopKRequest) -> None:
             responses.put_nowait(await self._stream_item(request))
 
         async def read() -> None:
+            end = None  # the client closed its side
             try:
                 async for request in request_iterator:
                     task = asyncio.create_task(answer(request))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
-            except asyncio.CancelledError:
-                pass  # draining, or the call ended
+            except asyncio.CancelledError:  # draining (or the call ended: then nobody reads `end`)
+                end = _draining("this stream takes no more requests; those not answered on it were not run")
+            except ServiceError as err:  # a message that does not parse
+                end = ServiceError(err.code, f"{err.message}; the stream stopped reading there: requests "
+                                   "before it were answered, later ones were not run")
             finally:
                 if pending:
                     await asyncio.wait(set(pending))
-                responses.put_nowait(None)
+                responses.put_nowait(end)
 
         reader = asyncio.create_task(read())
         self._core._streams.add(reader)
         reader.add_done_callback(self._core._streams.discard)
         try:
-            while (response := await responses.get()) is not None:
+            while isinstance(response := await responses.get(), pb.TopKResponse):
                 yield response
+            if response is not None:
+                raise response
         finally:
             reader.cancel()
             for task in list(pending):
@@ -392,43 +514,118 @@ class GrpcEdge(pb_grpc.SurrogateServicer):
             await context.abort(err.code, err.message)
 
 
-class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every RPC without ``authorization: Bearer <token>`` (health checks excepted)."""
+class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    """Sees every RPC before a byte of it is parsed: notes it for draining, checks auth, parses it.
 
-    def __init__(self, token: str, metrics: Metrics | None = None) -> None:
-        self._token = token
-        self._metrics = metrics
+    Without ``authorization: Bearer <token>`` (when auth is on; health checks excepted) the
+    call is refused with UNAUTHENTICATED and its request never parsed. Otherwise its handler
+    gets raw bytes and parses them here: bytes that are not the method's request message
+    answer INVALID_ARGUMENT, on a stream once the messages before them are handled.
+    """
+
+    def __init__(self, core: ServingCore) -> None:
+        self._core = core
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(_OPEN_METHOD_PREFIXES) or self._authorized(details):
-            return handler
-        if self._metrics is not None:
-            self._metrics.observe_call(details.method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED, 0.0)
-        return _refusing(handler)
+        if handler is None:
+            return None  # UNIMPLEMENTED
+        ours = details.method.startswith(f"/{SERVICE_NAME}/")
+        self._core.arrived(asyncio.current_task() if ours else None)  # this task runs the whole call
+        token, rpc = self._core.config.auth_token, details.method.rsplit("/", 1)[-1]
+        if token and not details.method.startswith(_OPEN_METHOD_PREFIXES) and not _authorized(details, token):
+            self._core.metrics.observe_call(rpc, grpc.StatusCode.UNAUTHENTICATED, 0.0)
+            return _refusing(handler)
+        return _parsing(handler, details.method, self._core.metrics if ours else None)
 
-    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
-        values = [value for key, value in details.invocation_metadata or () if key == "authorization"]
-        return authorized(values[0] if values and isinstance(values[0], str) else None, self._token)
+
+def _authorized(details: grpc.HandlerCallDetails, token: str) -> bool:
+    values = [value for key, value in details.invocation_metadata or () if key == "authorization"]
+    return authorized(values[0] if values and isinstance(values[0], str) else None, token)
 
 
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that fails with UNAUTHENTICATED."""
+    """A handler of the same shape as ``handler`` that fails with UNAUTHENTICATED, reading nothing."""
     message = ("missing or wrong auth token: send metadata 'authorization: Bearer <token>' with the server's "
                f"token (its {TOKEN_ENV} or --auth_token_file)")
 
-    async def refuse(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(raw_request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    serde = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    return _handler(handler, refuse, refuse, refuse, refuse)
+
+
+def _parsing(handler: grpc.RpcMethodHandler, method: str, metrics: Metrics | None) -> grpc.RpcMethodHandler:
+    """``handler`` taking raw bytes that it parses itself; a message that does not parse is INVALID_ARGUMENT."""
+    deserialize = handler.request_deserializer or (lambda raw: raw)
+
+    def parse(raw: bytes, position: str) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError as err:
+            if metrics is not None:
+                metrics.observe_call(method.rsplit("/", 1)[-1], grpc.StatusCode.INVALID_ARGUMENT, 0.0)
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{position} of {method} is not its request "
+                               f"message ({err}); send the serialized protobuf message") from None
+
+    async def one(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return parse(raw, "the request")
+        except ServiceError as err:
+            await context.abort(err.code, err.message)
+
+    async def many(raw_iterator: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        count = 0
+        async for raw in raw_iterator:
+            count += 1
+            yield parse(raw, f"message {count}")
+
+    async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        return await handler.unary_unary(await one(raw, context), context)
+
+    async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for response in _responses(handler.unary_stream(await one(raw, context), context), context):
+            yield response
+
+    async def stream_unary(raw_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler.stream_unary(many(raw_iterator), context)
+        except ServiceError as err:
+            await context.abort(err.code, err.message)
+
+    async def stream_stream(raw_iterator: AsyncIterator[bytes],
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for response in _responses(handler.stream_stream(many(raw_iterator), context), context):
+            yield response
+
+    return _handler(handler, unary_unary, unary_stream, stream_unary, stream_stream)
+
+
+async def _responses(result: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """What a response-streaming behaviour yields (it may instead write to ``context`` and return);
+    a ServiceError it raises ends the call with that status."""
+    try:
+        if inspect.isasyncgen(result):
+            async for response in result:
+                yield response
+        else:
+            await result
+    except ServiceError as err:
+        await context.abort(err.code, err.message)
+
+
+def _handler(handler: grpc.RpcMethodHandler, unary_unary: Callable[..., Any], unary_stream: Callable[..., Any],
+             stream_unary: Callable[..., Any], stream_stream: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that takes raw bytes and runs the behaviour of its shape."""
+    serializer = handler.response_serializer
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse, **serde)
+        return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serializer)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse, **serde)
+        return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=serializer)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, **serde)
-    return grpc.stream_stream_rpc_method_handler(refuse, **serde)
+        return grpc.stream_unary_rpc_method_handler(stream_unary, response_serializer=serializer)
+    return grpc.stream_stream_rpc_method_handler(stream_stream, response_serializer=serializer)
 
 
 def create_server(engine: SurrogateEngine | ServingCore, *, host: str = "127.0.0.1", port: int = 0,
@@ -453,8 +650,7 @@ def create_server(engine: SurrogateEngine | ServingCore, *, host: str = "127.0.0
         core = ServingCore(engine, config)
     config = core.config
     limit = config.max_message_bytes
-    interceptors = [TokenInterceptor(config.auth_token, core.metrics)] if config.auth_token else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
+    server = grpc.aio.server(interceptors=[EdgeInterceptor(core)], options=[
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0)])
     pb_grpc.add_SurrogateServicer_to_server(GrpcEdge(core), server)

@@ -51,7 +51,11 @@ CODE = grpc.StatusCode
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Qwen3 and a 512-token byte-level BPE tokenizer, saved with save_pretrained."""
+    return save_tiny_model(tmp_path_factory.mktemp("surrogate_model"))
+
+
+def save_tiny_model(path: Path) -> Path:
+    """A tiny Qwen3 and a 512-token byte-level BPE tokenizer, saved with save_pretrained in ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -68,7 +72,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = Qwen3Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, initializer_range=0.2,
                          max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("surrogate_model")
     Qwen3ForCausalLM(config).save_pretrained(path)
     fast.save_pretrained(path)
     return path
@@ -488,9 +491,12 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(model_dir: Path, tm
             assert httpx.get(f"http://{process.http}/readyz").json() == {"status": "draining"}
             for future, ids in zip(futures, inputs):
                 assert_matches_engine(future.result(), engine, ids, 3)
-            streamed = list(stream)  # the server ends the stream once its in-flight request is answered
-            assert [r.request_id for r in streamed] == ["streamed"] and stream.code() == CODE.OK
-            assert_matches_engine(streamed[0], engine, inputs[3], 3)
+            streamed = next(stream)  # answered; then the stream ends: it takes no more requests
+            assert streamed.request_id == "streamed"
+            assert_matches_engine(streamed, engine, inputs[3], 3)
+            with pytest.raises(grpc.RpcError) as ended:
+                next(stream)
+            assert ended.value.code() == CODE.UNAVAILABLE and "draining" in ended.value.details()
         assert process.proc.wait(timeout=30) == 0, process.output
     finally:
         outgoing.put(None)
