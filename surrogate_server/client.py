@@ -13,15 +13,23 @@ returns (docs/method.md §6). Needs only grpcio and protobuf (the ``client`` ext
 
 Failure model. Each ``topk`` call has ``timeout`` seconds, retries included.
 Attempts go to the endpoint with the fewest requests in flight (round-robin among
-equals) that is not backing off; an attempt that fails with UNAVAILABLE,
+equals) that is up and not backing off; an attempt that fails with UNAVAILABLE,
 DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED or CANCELLED puts its endpoint on
-exponential backoff with jitter and goes to the next one. When the deadline
-passes the call raises ``SurrogateUnavailable`` (the trainer then skips guidance
-for that batch or stops, its ``surrogate.on_failure``); the next call simply tries
-again, so guidance resumes once a server is back. Any other status is a bug in
-the request or the server and is raised at once (``ValueError`` for the client's
-errors). The permitted set is registered once per endpoint under its
-content-addressed id and registered again when a restarted server answers NOT_FOUND.
+exponential backoff with jitter and goes to the next one. Any other status is a
+bug in the request or the server and is raised at once (``ValueError`` for the
+client's errors).
+
+Circuit breaker. A transient failure also marks its endpoint down and starts a
+background probe (GetInfo, backoff capped at ``backoff[1]`` seconds): an endpoint
+that answers it (a live server that was only busy) is up again at once, one that
+does not stays down until it does. While every endpoint is down, ``topk`` raises
+``SurrogateUnavailable`` at once instead of waiting out ``timeout``, so the trainer
+skips guidance (or stops, its ``surrogate.on_failure``) at full speed; guidance
+resumes with the first call after a probe got an answer. Outages are logged once
+each, when the last endpoint goes down and when one answers again. ``info`` and
+``vocabulary`` (start-up) still wait up to ``timeout`` for a server. The permitted
+set is registered once per endpoint under its content-addressed id and registered
+again when a restarted server answers NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ CLIENT_ERRORS = frozenset(grpc.StatusCode[name] for name in (
     "INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE", "NOT_FOUND", "UNAUTHENTICATED", "PERMISSION_DENIED",
     "UNIMPLEMENTED"))
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+PROBE_TIMEOUT = 2.0  # seconds a probe waits for GetInfo (less when attempt_timeout is shorter)
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -91,6 +100,10 @@ class _Endpoint:
     retry_at: float = 0.0  # time.monotonic() before which no attempt goes here
     registered: set[str] = dataclasses.field(default_factory=set)  # permitted ids known to this server
     last_error: str = ""  # the latest transient failure, for the SurrogateUnavailable message
+    down: bool = False  # circuit open: failed, and the probe has not had an answer since
+    probed: bool = True  # the probe has tried it since it went down (False: its verdict is pending)
+    probing: bool = False  # a probe thread watches it
+    down_since: float = 0.0  # time.monotonic() when it went down
 
 
 class _Window:
@@ -148,6 +161,7 @@ class RemoteSurrogate:
         credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()) if tls_ca else None
         self._endpoints = [self._open(address, credentials) for address in endpoints]
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # an endpoint came up or went down, or close()
         # The trainer passes the same permitted tensor with every request: pack and hash it once.
         self._packed_permitted: tuple[torch.Tensor, pb.Tensor, str] | None = None
         self._turn = itertools.count()
@@ -258,7 +272,7 @@ class RemoteSurrogate:
     def _request_topk(self, request: pb.TopKRequest, mask: pb.Tensor | None, permitted_id: str, k: int) -> TopK:
         batch, length = request.input_ids.shape
         started = time.perf_counter()
-        response = self._call("TopK", lambda ep, t: self._topk_on(ep, request, mask, permitted_id, t))
+        response = self._call("TopK", lambda ep, t: self._topk_on(ep, request, mask, permitted_id, t), fail_fast=True)
         logprobs, ids = codec.decode_topk(response.counts, response.ids, response.logprobs, k)
         with self._lock:
             w = self._window
@@ -350,11 +364,15 @@ class RemoteSurrogate:
         rows = max_tokens // length
         return [(start, min(start + rows, batch)) for start in range(0, batch, rows)]
 
-    # -- retries and failover ------------------------------------------------------------
-    def _call(self, what: str, attempt: Callable[[_Endpoint, float], T]) -> T:
-        """Run ``attempt(endpoint, seconds)`` until one succeeds, failing over and backing off until the deadline."""
+    # -- retries, failover and the circuit breaker ------------------------------------------
+    def _call(self, what: str, attempt: Callable[[_Endpoint, float], T], *, fail_fast: bool = False) -> T:
+        """Run ``attempt(endpoint, seconds)`` until one succeeds, failing over and backing off until the deadline.
+
+        ``fail_fast``: give up at once while every endpoint is down (guidance), instead of
+        waiting for one to come back until the deadline (start-up calls).
+        """
         deadline = time.monotonic() + self.timeout
-        while (ep := self._acquire(deadline)) is not None:
+        while (ep := self._acquire(deadline, fail_fast)) is not None:
             budget = min(self.attempt_timeout, deadline - time.monotonic())
             try:
                 result = attempt(ep, budget)
@@ -373,36 +391,45 @@ class RemoteSurrogate:
         with self._lock:
             self._window.failures += 1
             detail = "; ".join(f"{e.address}: {e.last_error}" for e in self._endpoints if e.failures) or "too slow"
+            all_down = all(e.down and e.probed for e in self._endpoints)
+        if fail_fast and all_down:
+            raise SurrogateUnavailable(
+                f"every surrogate server is down ({detail}): {what} given up without waiting; "
+                "guidance resumes once one answers")
         raise SurrogateUnavailable(f"no surrogate server answered {what} within {self.timeout:g}s ({detail})")
 
-    def _acquire(self, deadline: float) -> _Endpoint | None:
-        """The endpoint for the next attempt (waiting out backoff if all are backing off); None past the deadline."""
-        while True:
-            with self._lock:
+    def _acquire(self, deadline: float, fail_fast: bool) -> _Endpoint | None:
+        """The endpoint for the next attempt, waiting out backoff and pending probes; None past the deadline
+        (or, with ``fail_fast``, as soon as every endpoint is known to be down)."""
+        with self._changed:
+            while True:
                 if self._closed.is_set():
                     raise RuntimeError("this RemoteSurrogate is closed")
                 now = time.monotonic()
                 if now >= deadline:
                     return None
+                up = [e for e in self._endpoints if not e.down]
+                if fail_fast and not up and all(e.probed for e in self._endpoints):
+                    return None
                 turn = next(self._turn)
                 n = len(self._endpoints)
-                ready = [self._endpoints[(turn + i) % n] for i in range(n)]
-                ready = [e for e in ready if e.retry_at <= now]
+                candidates = [self._endpoints[(turn + i) % n] for i in range(n)]
+                candidates = [e for e in candidates if not e.down] if up or fail_fast else candidates
+                ready = [e for e in candidates if e.retry_at <= now]
                 if ready:
                     ep = min(ready, key=lambda e: e.outstanding)  # min keeps the round-robin order among ties
                     ep.outstanding += 1
                     return ep
-                wake = min(e.retry_at for e in self._endpoints)
-            self._closed.wait(max(0.0, min(wake, deadline) - now))  # close() cuts the pause short
+                # Nothing to try yet: wait for a backoff to end, a probe's verdict or close().
+                wake = min((e.retry_at for e in candidates), default=deadline)
+                self._changed.wait(max(0.0, min(wake, deadline) - now))
 
     def _release(self, ep: _Endpoint, *, ok: bool = False, transient_error: str | None = None) -> None:
-        """End an attempt on ``ep``: success resets its backoff, a transient error extends it."""
+        """End an attempt on ``ep``: success closes its circuit, a transient error extends its backoff and opens it."""
         with self._lock:
             ep.outstanding -= 1
             if ok:
-                if ep.failures:
-                    log.info("surrogate server %s answers again", ep.address)
-                ep.failures, ep.retry_at = 0, 0.0
+                self._mark_up(ep)
             elif transient_error is not None:
                 first, largest = self.backoff
                 # At least ~4 attempts fit in one call's timeout, however long the outage has been.
@@ -411,6 +438,65 @@ class RemoteSurrogate:
                 ep.retry_at = time.monotonic() + pause
                 ep.last_error = transient_error
                 self._window.retries += 1
+                if not ep.down:
+                    ep.down, ep.probed, ep.down_since = True, False, time.monotonic()
+                if not ep.probing:
+                    ep.probing = True
+                    threading.Thread(target=self._probe, args=(ep,), name=f"probe-{ep.address}", daemon=True).start()
+
+    def _mark_up(self, ep: _Endpoint) -> None:
+        """``ep`` answered (a call or the probe): close its circuit and end its backoff. Holds the lock."""
+        if not (ep.down or ep.failures):
+            return
+        if ep.down and ep.probed:  # it was confirmed down: an outage ends
+            log.warning("surrogate server %s answers again after %.1fs: guidance resumes",
+                        ep.address, time.monotonic() - ep.down_since)
+        elif ep.failures:
+            log.info("surrogate server %s answers again", ep.address)
+        ep.failures, ep.retry_at, ep.down, ep.probed = 0, 0.0, False, True
+        self._changed.notify_all()
+
+    def _probe(self, ep: _Endpoint) -> None:
+        """Ask ``ep`` for GetInfo, backing off, for as long as it is down (any status but a transient one
+        means a server answers: it is up). Runs in its own thread, one per endpoint at a time."""
+        first, largest = self.backoff
+        timeout = min(PROBE_TIMEOUT, self.attempt_timeout)
+        pause, tries = 0.0, 0
+        while not self._closed.wait(pause):
+            with self._lock:  # the check and the exit are one step: a failure after it starts a new probe
+                if not ep.down:
+                    ep.probing = False
+                    return
+            try:
+                ep.stub.GetInfo(pb.InfoRequest(), **self._opts(timeout))
+            except grpc.RpcError as err:
+                if err.code() in TRANSIENT:
+                    self._confirm_down(ep, f"{err.code().name}: {err.details()}")
+                    pause, tries = min(largest, first * 2**tries) * random.uniform(0.5, 1.0), tries + 1
+                    continue
+            except ValueError:
+                if self._closed.is_set():  # close() closed the channel under the call
+                    break
+                raise
+            with self._lock:
+                self._mark_up(ep)
+            pause, tries = 0.0, 0
+        with self._lock:
+            ep.probing = False
+
+    def _confirm_down(self, ep: _Endpoint, error: str) -> None:
+        """The probe found ``ep`` unreachable: it stays down. Logged once per outage, before the calls it fails."""
+        with self._lock:
+            if not ep.down:  # a call got through since the probe started
+                return
+            first_verdict, ep.probed, ep.last_error = not ep.probed, True, error
+            if first_verdict and all(e.down and e.probed for e in self._endpoints):
+                log.warning("every surrogate server is down (%s): guidance requests fail at once, without waiting, "
+                            "until one answers (probed every <= %gs)",
+                            "; ".join(f"{e.address}: {e.last_error}" for e in self._endpoints), self.backoff[1])
+            elif first_verdict:
+                log.warning("surrogate server %s is down (%s): the others take its requests", ep.address, error)
+            self._changed.notify_all()
 
     # -- metrics and lifetime --------------------------------------------------------------
     def stats(self) -> dict[str, float]:
@@ -440,13 +526,15 @@ class RemoteSurrogate:
         return stats
 
     def healthy(self) -> bool:
-        """Whether some endpoint answered its latest attempt (no call is made)."""
+        """Whether some endpoint is up: its circuit closed (no call is made)."""
         with self._lock:
-            return any(e.failures == 0 for e in self._endpoints)
+            return any(not e.down for e in self._endpoints)
 
     def close(self) -> None:
         """Close the channels; calls still retrying (prefetches nobody will use) end at once with RuntimeError."""
-        self._closed.set()
+        with self._changed:
+            self._closed.set()
+            self._changed.notify_all()
         for ep in self._endpoints:
             ep.channel.close()
 

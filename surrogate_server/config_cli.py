@@ -21,7 +21,7 @@ import argparse
 import dataclasses
 import difflib
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,15 +113,53 @@ def build_sections(sections: Mapping[str, type], overrides: Overrides) -> dict[s
     return built
 
 
-def load_yaml(path: str | Path) -> Overrides:
-    """Read a YAML config file into nested overrides."""
+def load_yaml(path: str | Path, keys: Mapping[str, Collection[str]] | None = None) -> Overrides:
+    """Read a YAML config file into nested overrides.
+
+    ``keys``: each section's option names; with them a top-level entry that is not a
+    section of keys is an error that says where it belongs.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected sections at the top level, each a mapping of keys to values")
+    for name, values in data.items() if keys is not None else ():
+        if values is not None and not isinstance(values, dict):
+            raise ValueError(f"{path}: {_not_a_section(name, values, keys)}")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what the YAML parser found wrong, and where."""
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return str(err).replace("\n", " ")
+    mark = err.problem_mark
+    context = f"{err.context}, " if err.context else ""
+    return f"{context}{err.problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
+def _not_a_section(name: Any, value: Any, keys: Mapping[str, Collection[str]]) -> str:
+    """The message for a top-level YAML entry whose value is not a mapping, with where it belongs."""
+    sections = ", ".join(keys)
+    if name in keys:
+        example = f"{name}: {{{next(iter(keys[name]))}: ...}}"
+        return f"section {name!r} must be a mapping of key: value, got {value!r}; write it as {example}"
+    homes = [section for section, known in keys.items() if name in known]
+    dotted = [f"{section}.{key}" for section, known in keys.items() for key in known]
+    close = difflib.get_close_matches(str(name), dotted, n=1, cutoff=0.5)
+    if homes:
+        hint = f"; it belongs in section {homes[0]!r}: {homes[0]}: {{{name}: {value}}}"
+    elif close:
+        section, key = close[0].split(".", 1)
+        hint = f"; did you mean {section}: {{{key}: {value}}}?"
+    else:
+        hint = ""
+    return f"top-level key {name!r} is not a section (the top level holds the sections {sections}){hint}"
 
 
 def merge(base: Overrides, top: Overrides) -> Overrides:
@@ -176,8 +214,13 @@ def parse_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
         known = [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
         parser.error(str(unknown("flag", flag.split("=")[0], known)))
     values = vars(args)
+    keys: dict[str, dict[str, None]] = {}  # each section's option names, in order (--name and --no_name: once)
+    for action in parser._actions:
+        if "." in action.dest:
+            section, key = action.dest.split(".", 1)
+            keys.setdefault(section, {})[key] = None
     try:
-        overrides = load_yaml(values.pop("config")) if "config" in values else {}
+        overrides = load_yaml(values.pop("config"), keys) if "config" in values else {}
     except ValueError as err:
         parser.error(str(err))
     flags: Overrides = {}

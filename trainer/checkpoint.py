@@ -4,9 +4,13 @@ Layout of ``output_dir/checkpoint-{step}/``: the model and tokenizer in Hugging
 Face format (``save_pretrained``, safetensors), ``config.yaml`` (the resolved run
 config), ``training_state.pt`` (optimizer, LR scheduler, grad scaler, progress)
 and ``rng_state_{rank}.pt`` (each rank's random generators). Everything is first
-written to ``.checkpoint-{step}.tmp`` and renamed when complete, so a crash never
-leaves a half-written directory under a name that ``latest_checkpoint`` accepts.
-The output directory is assumed to be shared by all ranks of a multi-node run.
+written to ``.checkpoint-{step}.tmp``, flushed to disk (every file and the directory
+fsynced) and then renamed, so a crash or a power cut never leaves a half-written
+directory under a name that ``checkpoints()`` accepts. A checkpoint is removed (pruned,
+or replaced by a new save of its step) by renaming it aside to ``.checkpoint-{step}.old``
+first: it disappears at once, whole, and only then is deleted; leftovers of a crash are
+swept by the next save. The output directory is assumed to be shared by all ranks of a
+multi-node run.
 """
 
 from __future__ import annotations
@@ -110,10 +114,11 @@ def save_checkpoint(
     final = root / f"checkpoint-{progress.step}"
     tmp = root / f".checkpoint-{progress.step}.tmp"
     if backend.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _sweep(root)
         tmp.mkdir(parents=True)
     backend.barrier()
     torch.save(_rng_state(), tmp / f"rng_state_{backend.rank}.pt")
+    _fsync(tmp / f"rng_state_{backend.rank}.pt")
     if backend.is_main:
         model.save_pretrained(tmp, state_dict=backend.host_state_dict(model))
         tokenizer.save_pretrained(tmp)
@@ -127,9 +132,14 @@ def save_checkpoint(
         backend.save(state, tmp / STATE_FILE)
     backend.barrier()
     if backend.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _fsync_tree(tmp)
+        aside = _aside(final) if final.exists() else None  # a new save of an existing step replaces it
+        if aside is not None:
+            os.rename(final, aside)
+        os.rename(tmp, final)
+        _fsync(root)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)  # out of sight already; what is left, the next save sweeps
         _prune(root, save_total_limit)
         log.info("saved %s", final)
     backend.barrier()
@@ -140,7 +150,46 @@ def _prune(root: Path, keep: int | None) -> None:
     if keep is None:
         return
     for old in checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that no crash can leave part of it under its name: rename it aside, then delete."""
+    aside = _aside(path)
+    os.rename(path, aside)
+    _fsync(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)  # out of sight already; what is left, the next save sweeps
+
+
+def _aside(path: Path) -> Path:
+    """A name for ``path`` that ``checkpoints()`` ignores (and the next save sweeps), free to rename to."""
+    aside = path.with_name(f".{path.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)  # a crash's leftover
+    return aside
+
+
+def _sweep(root: Path) -> None:
+    """Remove what crashes left: unfinished saves (``.checkpoint-N.tmp``), unfinished removals (``.old``)."""
+    for leftover in root.glob(".checkpoint-*"):
+        if leftover.suffix in (".tmp", ".old") and leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush one file or directory (its entries: creations, renames) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, then the directories that hold them, to disk."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder, name))
+        _fsync(Path(folder))
 
 
 def load_checkpoint(

@@ -4,6 +4,10 @@ Precedence: defaults < ``--config`` YAML < flags. Every config field is a flag:
 its flat name (the original README's, such as ``--base_model``, else the field's
 own name) and its dotted name (``--model.name_or_path``); the conventions are
 ``surrogate_server.config_cli``'s, which the surrogate server's command line shares.
+
+A user error (a ``ValueError``, from the config or from start-up: the device, the hub,
+the data) ends the program with one message saying what to change and exit code 2;
+``--debug`` shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -14,6 +18,13 @@ from typing import Sequence
 
 from surrogate_server import config_cli
 from trainer.config import SECTIONS, TrainConfig, build_config
+
+# Modules of the optional extras (pyproject.toml): which option needs each, and the extra that installs it.
+EXTRAS = {
+    "torch_xla": ("--device tpu", "tpu"),
+    "grpc": ("--surrogate_endpoint", "client"),
+    "wandb": ("--wandb_project", "wandb"),
+}
 
 USAGE_EXAMPLES = """\
 examples:
@@ -36,24 +47,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--standard_training", action="store_true", help="Plain cross-entropy, no surrogate (= --loss_type standard)."
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="Show the traceback of an error instead of its message alone."
+    )
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Resolve the run's config from the command line (and the YAML file it names)."""
+    return _parse(argv)[0]
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[TrainConfig, bool]:
+    """(the run's config, whether --debug was given); a config error exits through ``parser.error`` (code 2)."""
     parser = build_parser()
     overrides, rest = config_cli.parse_overrides(parser, argv)
     if rest.get("standard_training"):
         overrides.setdefault("training", {})["loss_type"] = "standard"
     try:
-        return build_config(overrides)
+        return build_config(overrides), bool(rest.get("debug"))
     except ValueError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(argv)
+    config, debug = _parse(argv)
     from surrogate_server.source import SurrogateUnavailable
     from trainer.train import train
 
@@ -62,7 +81,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SurrogateUnavailable as err:
         print(f"train.py: stopped: {err}", file=sys.stderr)
         return 1
+    except (ValueError, ModuleNotFoundError) as err:
+        message = _user_error(err)
+        if debug or message is None:
+            raise
+        print(f"train.py: error: {message}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _user_error(err: Exception) -> str | None:
+    """What to tell the user about ``err``; None for an error that is not theirs (a missing core module)."""
+    if not isinstance(err, ModuleNotFoundError):
+        return str(err)
+    module = (err.name or "").split(".")[0]
+    if module not in EXTRAS:
+        return None
+    option, extra = EXTRAS[module]
+    return f"{option} needs {module}, which is not installed: pip install 'sdce-training[{extra}]'"
 
 
 if __name__ == "__main__":

@@ -234,7 +234,8 @@ class Trainer:
             bar.update(1)
             step = self.progress.step
             if step % cfg.logging_steps == 0 or step == self.plan.total_steps:
-                record = window.flush(lr=self.scheduler.get_last_lr()[0], epoch=self._epoch_float(), **self._guide_stats())
+                lr = self.scheduler.get_last_lr()[0]
+                record = window.flush(self._guide_stats(), lr=lr, epoch=self._epoch_float())
                 record.update(self.backend.step_metrics())  # after the flush: its own graph counts too
                 history.append({"step": step, **record})
                 self.tracker.log(record, step)
@@ -305,6 +306,7 @@ class Trainer:
             self.guide.source.close()
 
     def _guide_stats(self) -> dict[str, float]:
+        """This rank's guidance statistics since the last logging step (``MetricWindow.flush`` combines the ranks')."""
         if self.guide is None:
             return {}
         return {"unguided_batches": float(self.guide.unguided_batches), **self.guide.source.stats()}
@@ -372,6 +374,12 @@ class MetricWindow:
     """Running sums of step metrics on the device; summed over ranks and read back (one host sync) only at logging steps."""
 
     AVERAGED = ("grad_norm", "lambda")  # equal on every rank: the rank sum is divided back
+    # Guidance statistics (the Guide's counts, SurrogateSource.stats()) as ranks combine them: counts add,
+    # per-request means are weighted by each rank's guidance_requests (p50: the weighted mean of the ranks' medians).
+    GUIDANCE_COUNTS = ("unguided_batches", "guidance_requests", "guidance_retries", "guidance_failures",
+                       "guidance_reregistrations")
+    GUIDANCE_MEANS = ("guidance_latency_ms_mean", "guidance_latency_ms_p50", "guidance_bytes_per_token",
+                      "guidance_server_queue_ms", "guidance_server_compute_ms")
 
     def __init__(self, backend: Backend, z_loss: bool = False):
         self.backend = backend
@@ -409,15 +417,23 @@ class MetricWindow:
         self._add("labels", local_labels)
         self.steps += 1
 
-    def flush(self, **extra: float) -> dict[str, float]:
-        """The window's averages over its steps and over all ranks (every rank must call this)."""
+    def flush(self, guidance: dict[str, float] | None = None, **extra: float) -> dict[str, float]:
+        """The window's averages over its steps and over all ranks (every rank must call this).
+
+        ``guidance``: this rank's guidance statistics, logged for the whole job; ``extra``:
+        values every rank shares (learning rate, epoch), logged as they are.
+        """
         names = sorted(self.sums)
-        totals = self.backend.all_reduce_sum(torch.stack([self.sums[name] for name in names])).tolist()
+        host = self._host_values(guidance or {})
+        stacked = torch.cat([torch.stack([self.sums[name] for name in names]),
+                             torch.tensor(host, device=self.device, dtype=torch.float32)])
+        totals = self.backend.all_reduce_sum(stacked).tolist()
         values = dict(zip(names, totals))
         for name in self.AVERAGED:
             values[name] /= self.backend.world_size
         elapsed = time.perf_counter() - self.started
         steps = max(self.steps, 1)
+        waits, guidance_stats = self._job_guidance(totals[len(names):])
         record = {
             "loss": values["loss"] / steps,
             "ce": values["ce"] / steps,
@@ -426,14 +442,40 @@ class MetricWindow:
             "grad_norm": values["grad_norm"] / steps,
             "guided_share": values.get("guided_positions", 0.0) / max(values["labels"], 1.0),
             "tokens_per_s": self.tokens / max(elapsed, 1e-9),
-            "input_wait_share": self.wait_seconds / max(elapsed, 1e-9),
-            "guidance_wait_share": self.guidance_wait_seconds / max(elapsed, 1e-9),
+            "input_wait_share": waits[0] / max(elapsed, 1e-9),
+            "guidance_wait_share": waits[1] / max(elapsed, 1e-9),
+            **guidance_stats,
             **extra,
         }
         if "z_loss" in values:
             record["z_loss"] = values["z_loss"] / steps
         self._reset()
         return record
+
+    def _host_values(self, guidance: dict[str, float]) -> list[float]:
+        """This rank's host-side values in a fixed layout that sums over ranks: the wait times, then per
+        guidance count (value, 1 if this rank has it) and per guidance mean (mean x requests, requests)."""
+        unknown = set(guidance) - set(self.GUIDANCE_COUNTS) - set(self.GUIDANCE_MEANS)
+        assert not unknown, f"add {sorted(unknown)} to MetricWindow.GUIDANCE_COUNTS or GUIDANCE_MEANS"
+        requests = guidance.get("guidance_requests", 0.0)
+        values = [self.wait_seconds, self.guidance_wait_seconds]
+        for name in self.GUIDANCE_COUNTS:
+            values += [guidance.get(name, 0.0), float(name in guidance)]
+        for name in self.GUIDANCE_MEANS:
+            values += [guidance.get(name, 0.0) * requests, requests if name in guidance else 0.0]
+        return values
+
+    def _job_guidance(self, totals: list[float]) -> tuple[tuple[float, float], dict[str, float]]:
+        """From the rank sums of ``_host_values``: (the mean wait times of a rank, the job's guidance statistics)."""
+        world = self.backend.world_size
+        waits = (totals[0] / world, totals[1] / world)
+        counts, means = totals[2: 2 + 2 * len(self.GUIDANCE_COUNTS)], totals[2 + 2 * len(self.GUIDANCE_COUNTS):]
+        stats = {name: counts[2 * i] for i, name in enumerate(self.GUIDANCE_COUNTS) if counts[2 * i + 1] > 0}
+        for i, name in enumerate(self.GUIDANCE_MEANS):
+            weighted, weight = means[2 * i], means[2 * i + 1]
+            if weight > 0:
+                stats[name] = weighted / weight
+        return waits, stats
 
 
 def train(config: TrainConfig) -> TrainResult | None:

@@ -1,5 +1,9 @@
 """Checkpoints: atomic step directories, pruning, 'latest', and what a crash leaves behind."""
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -67,3 +71,102 @@ def test_half_written_checkpoints_are_never_latest(tmp_path, parts):
 
 def test_resume_latest_without_checkpoints_starts_afresh(tmp_path):
     assert resolve_resume("latest", tmp_path) is None and resolve_resume(None, tmp_path) is None
+
+
+# -- crashes while removing or replacing a checkpoint ------------------------------------------
+class _Killed(BaseException):
+    """A SIGKILL at this point of the save: nothing after it runs (not even ``finally`` cleanup we own)."""
+
+
+def _kill_at(monkeypatch, point: int) -> list[int]:
+    """Make the ``point``-th change to a directory's entries raise _Killed; returns the call count.
+
+    These are the moments the visible state can change: a kill anywhere else (while writing
+    or flushing the files under the temporary name) leaves what a kill before the next one leaves."""
+    calls = [0]
+    for name in ("unlink", "rmdir", "rename", "replace"):
+        original = getattr(os, name)
+
+        def wrapped(*args, _original=original, **kwargs):
+            calls[0] += 1
+            if calls[0] == point:
+                raise _Killed
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, wrapped)
+    return calls
+
+
+def _assert_every_checkpoint_loads(root, parts) -> None:
+    """What a restart with --resume_from_checkpoint latest does with each checkpoint it could pick."""
+    for path in checkpoints(root):
+        GPT2LMHeadModel.from_pretrained(path)
+        optimizer = torch.optim.AdamW(parts["model"].parameters(), lr=1e-3)
+        load_checkpoint(path, optimizer=optimizer, scheduler=parts["scheduler"], scaler=parts["scaler"],
+                        backend=parts["backend"])
+
+
+@pytest.mark.parametrize("scenario", ["prune", "resave"])
+def test_a_kill_at_any_point_of_a_save_leaves_only_loadable_checkpoints(tmp_path, parts, monkeypatch, scenario):
+    """prune: steps 2 and 4 exist, saving 6 with save_total_limit=2 removes 2. resave: step 4 is saved again.
+
+    The kill lands on each unlink/rmdir/rename/replace of the save in turn (deleting file by file
+    in listing order, the old code left checkpoints with training_state.pt and no weights)."""
+    template = tmp_path / "template"
+    for step in (2, 4):
+        _save(template, parts, step, keep=2)
+    steps = (6, 2) if scenario == "prune" else (4, None)
+    point = 0
+    while True:
+        point += 1
+        root = tmp_path / f"kill-{point}"
+        shutil.copytree(template, root)
+        with monkeypatch.context() as patch:
+            calls = _kill_at(patch, point)
+            try:
+                _save(root, parts, steps[0], keep=2)
+                finished = True
+            except _Killed:
+                finished = False
+        _assert_every_checkpoint_loads(root, parts)
+        names = [p.name for p in checkpoints(root)]
+        assert "checkpoint-4" in names or scenario == "resave", names  # only the one being replaced may vanish
+        if finished:
+            assert calls[0] < point  # every point before this one was hit
+            break
+    assert point > 8  # the kill met the renames and every unlink of the removed directory
+    assert [p.name for p in checkpoints(root)] == (["checkpoint-4", "checkpoint-6"] if scenario == "prune"
+                                                   else ["checkpoint-2", "checkpoint-4"])
+
+
+def test_the_next_save_sweeps_what_a_crash_left(tmp_path, parts):
+    _save(tmp_path, parts, 2)
+    (tmp_path / ".checkpoint-4.tmp").mkdir()  # killed while writing step 4
+    shutil.copytree(tmp_path / "checkpoint-2", tmp_path / ".checkpoint-1.old")  # killed while removing step 1
+    _save(tmp_path, parts, 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fsynced paths from /proc/self/fd")
+def test_every_file_is_on_disk_before_the_checkpoint_is_committed(tmp_path, parts, monkeypatch):
+    flushed: list[str] = []
+    commits: list[tuple[str, set[str]]] = []
+    fsync, rename = os.fsync, os.rename
+
+    def record_fsync(fd):
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    def record_rename(src, dst):
+        commits.append((str(dst), set(flushed)))
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "rename", record_rename)
+    final = _save(tmp_path, parts, 3)
+    monkeypatch.undo()
+    (dst, flushed_before), = commits
+    assert dst == str(final)
+    written = {str(p).replace(str(final), str(tmp_path / ".checkpoint-3.tmp")) for p in final.rglob("*")}
+    assert written | {str(tmp_path / ".checkpoint-3.tmp")} <= flushed_before  # files and their directory
+    assert flushed[-1] == str(tmp_path)  # the rename itself, flushed in the parent directory

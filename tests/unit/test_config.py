@@ -1,5 +1,7 @@
 """Config tree and command line: precedence, the original README's commands and YAML, errors."""
 
+import importlib.util
+import re
 import textwrap
 
 import pytest
@@ -166,3 +168,81 @@ def test_config_round_trips_through_yaml(tmp_path):
     cfg.save(path)
     again = parse_args(["--config", str(path)])
     assert again == cfg and isinstance(again, TrainConfig)
+
+
+# -- user errors: one message, exit code 2, no traceback (trainer.cli.main) ------------------------
+YAML_ERRORS = {
+    "syntax": ("model:\n  name_or_path: [gpt2\n", r"not valid YAML: .*line 3, column 1"),
+    "wrong type": ("model: [1, 2]\n", r"section 'model' must be a mapping of key: value, got \[1, 2\]"),
+    "top-level key": ("model_name: gpt2\n", r"top-level key 'model_name' is not a section .*"
+                                           r"did you mean model: \{name_or_path: gpt2\}"),
+    "top-level option": ("seed: 3\n", r"it belongs in section 'training': training: \{seed: 3\}"),
+}
+
+
+def _main(argv: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of ``train.py ARGV`` run in this process."""
+    from trainer.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit:
+        code = exit.code
+    return code, capsys.readouterr().err
+
+
+def _assert_one_message(code: int, err: str, pattern: str) -> None:
+    errors = [line for line in err.splitlines() if line.startswith("train.py: error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert re.search(pattern, err, re.DOTALL), err
+
+
+@pytest.mark.parametrize("case", YAML_ERRORS)
+def test_config_file_errors(tmp_path, capsys, case):
+    text, pattern = YAML_ERRORS[case]
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    _assert_one_message(*_main(["--config", str(path), "--standard_training", "--dataset", "d"], capsys), pattern)
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, err = _main(["--config", str(tmp_path / "nope.yaml"), "--standard_training", "--dataset", "d"], capsys)
+    _assert_one_message(code, err, r"config file '.*nope.yaml' does not exist")
+
+
+# Errors found when training starts (the device, the hub): ValueErrors caught at the top of main().
+START_UP_ERRORS = {
+    "fp16 on cpu": (["--mixed_precision", "fp16", "--device", "cpu"],
+                    r"fp16 mixed precision needs a CUDA GPU, not cpu: use --mixed_precision bf16 or no"),
+    "tpu without torch_xla": (["--device", "tpu"],
+                              r"--device tpu needs torch_xla, which is not installed: "
+                              r"pip install 'sdce-training\[tpu\]'"),
+    "hub name offline": (["--base_model", "sdce-tests/not-a-model"],
+                         r"could not load the base tokenizer 'sdce-tests/not-a-model': .*the Hub is offline"),
+}
+
+
+def start_up_argv(case: str, tmp_path) -> list[str]:
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("some text\n")
+    return ["--standard_training", "--train_file", str(train_file), "--output_dir", str(tmp_path / "out"),
+            "--no_progress_bar", *START_UP_ERRORS[case][0]]
+
+
+def _skip_tpu_where_torch_xla_is(case: str) -> None:
+    if case == "tpu without torch_xla" and importlib.util.find_spec("torch_xla") is not None:
+        pytest.skip("torch_xla is installed (the XLA lane)")
+
+
+@pytest.mark.parametrize("case", START_UP_ERRORS)
+def test_start_up_errors(tmp_path, capsys, monkeypatch, case):
+    _skip_tpu_where_torch_xla_is(case)
+    monkeypatch.setenv("PJRT_DEVICE", "TPU")  # trainer.xla.launch sets it; monkeypatch puts it back
+    _assert_one_message(*_main(start_up_argv(case, tmp_path), capsys), START_UP_ERRORS[case][1])
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from trainer.cli import main
+
+    with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA GPU"):
+        main([*start_up_argv("fp16 on cpu", tmp_path), "--debug"])

@@ -8,6 +8,7 @@ server process is exercised in tests/integration/test_remote_training.py.
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import threading
@@ -46,10 +47,13 @@ class FakeSurrogate(pb_grpc.SurrogateServicer):
         self.token: str | None = None
         self.calls: dict[str, int] = {}
         self.lock = threading.Lock()
+        self.running = threading.Event()  # cleared: every call hangs until it is set (a stalled server)
+        self.running.set()
 
     def _enter(self, name: str, context: grpc.ServicerContext) -> None:
         with self.lock:
             self.calls[name] = self.calls.get(name, 0) + 1
+        self.running.wait()
         if self.token and dict(context.invocation_metadata()).get("authorization") != f"Bearer {self.token}":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
@@ -107,7 +111,7 @@ def engine() -> SurrogateEngine:
 
 
 def _serve(servicer: FakeSurrogate, port: int = 0) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb_grpc.add_SurrogateServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
@@ -176,6 +180,7 @@ def test_transient_errors_are_retried(engine, fake):
     with RemoteSurrogate([fake.address], timeout=5, backoff=(0.01, 0.05)) as client:
         client.topk(ids, mask, 3)
         stats = client.stats()
+        assert client.healthy()  # a server that answers, even UNAVAILABLE, is not down: its probe gets an answer
     assert fake.calls["TopK"] == 3 and stats["guidance_retries"] == 2 and stats["guidance_failures"] == 0
 
 
@@ -270,6 +275,94 @@ def test_guidance_resumes_when_the_server_comes_back(engine):
                     assert time.monotonic() < deadline, "the client did not reconnect"
         finally:
             server.stop(None)
+
+
+def _down_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "every surrogate server is down" in r.getMessage()]
+
+
+def test_while_every_server_is_down_topk_fails_at_once_and_resumes_when_one_answers(engine, caplog):
+    """The circuit breaker: an outage costs no timeout per batch, is logged once, and ends by itself."""
+    caplog.set_level(logging.INFO, logger="surrogate_server.client")
+    servicer = FakeSurrogate(engine)
+    server, port = _serve(servicer)
+    ids, mask, permitted = _batch(engine)
+    with RemoteSurrogate([f"127.0.0.1:{port}"], timeout=30, backoff=(0.02, 0.2)) as client:
+        client.topk(ids, mask, 3, permitted)
+        server.stop(None)  # the server is gone (SIGKILL, as far as the client can tell)
+        started = time.monotonic()
+        for _ in range(20):
+            with pytest.raises(SurrogateUnavailable, match="every surrogate server is down.*UNAVAILABLE"):
+                client.topk(ids, mask, 3, permitted)
+        down_for = time.monotonic() - started
+        assert down_for < 3, down_for  # not 20 x the 30 s timeout: the first call waits for the probe, the rest not
+        assert not client.healthy() and len(_down_warnings(caplog)) == 1, caplog.text  # logged once, not per call
+        restarted, _ = _serve(FakeSurrogate(engine), port)  # a new process: it never saw the permitted set
+        try:
+            back = time.monotonic()
+            while True:
+                try:
+                    again = client.topk(ids, mask, 3, permitted)
+                    break
+                except SurrogateUnavailable:
+                    assert time.monotonic() - back < 5, "guidance did not resume"
+                    time.sleep(0.01)
+            assert client.healthy()
+            stats = client.stats()
+        finally:
+            restarted.stop(None)
+    assert stats["guidance_failures"] >= 20 and stats["guidance_reregistrations"] == 1
+    assert torch.equal(again.ids, engine.topk(ids, mask, 3, permitted).ids)
+    assert len(_down_warnings(caplog)) == 1
+    assert sum("answers again" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_with_two_endpoints_the_live_one_carries_the_load_when_the_other_dies(engine):
+    servers = [FakeSurrogate(engine) for _ in range(2)]
+    started = [_serve(s) for s in servers]
+    ids, mask, permitted = _batch(engine)
+    try:
+        with RemoteSurrogate([f"127.0.0.1:{port}" for _, port in started], timeout=30) as client:
+            for _ in range(4):
+                client.topk(ids, mask, 3, permitted)
+            started[0][0].stop(None)
+            begun = time.monotonic()
+            for _ in range(10):
+                client.topk(ids, mask, 3, permitted)  # none fails: the one in flight on the dead server moves over
+            assert time.monotonic() - begun < 3 and client.healthy()
+            stats = client.stats()
+    finally:
+        started[1][0].stop(None)
+    assert servers[0].calls["TopK"] == 2 and servers[1].calls["TopK"] == 2 + 10
+    assert stats["guidance_failures"] == 0 and stats["guidance_retries"] <= 1
+
+
+def test_a_stalled_server_costs_one_timeout_then_calls_fail_at_once(engine, fake, caplog):
+    caplog.set_level(logging.WARNING, logger="surrogate_server.client")
+    ids, mask, permitted = _batch(engine)
+    with RemoteSurrogate([fake.address], timeout=0.5, backoff=(0.02, 0.1)) as client:
+        client.topk(ids, mask, 3, permitted)
+        fake.running.clear()  # every call (and probe) now hangs
+        try:
+            with pytest.raises(SurrogateUnavailable, match="within 0.5s.*DEADLINE_EXCEEDED"):
+                client.topk(ids, mask, 3, permitted)
+            # The probe (GetInfo, 0.5 s here) times out too: from then on nothing waits.
+            deadline = time.monotonic() + 5
+            while client.healthy() or not _down_warnings(caplog):
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            started = time.monotonic()
+            for _ in range(10):
+                with pytest.raises(SurrogateUnavailable, match="every surrogate server is down"):
+                    client.topk(ids, mask, 3, permitted)
+            assert time.monotonic() - started < 0.5
+        finally:
+            fake.running.set()
+        deadline = time.monotonic() + 5
+        while not client.healthy():
+            assert time.monotonic() < deadline, "the probe did not see the server answer again"
+            time.sleep(0.02)
+        client.topk(ids, mask, 3, permitted)
 
 
 def test_token_travels_as_bearer_metadata(engine, fake, tmp_path, monkeypatch):
