@@ -229,6 +229,7 @@ class Guide:
         self.placeholder = placeholder
         self.on_failure = on_failure
         self.unguided_batches = 0  # batches trained on CE alone because the surrogate was unavailable
+        self._guided_since_skip = True
         self.wait_seconds = 0.0  # time guided_batches' caller blocked on guidance (not on data), cumulative
         self._count_lock = threading.Lock()
         self._on_device: dict[torch.device, VocabAlignment] = {}
@@ -267,14 +268,17 @@ class Guide:
         """The batch with its candidates; empty candidates (CE alone) when the surrogate is down and on_failure is skip."""
         try:
             cand_ids, cand_logprobs = self(batch)
+            self._guided_since_skip = True
         except SurrogateUnavailable as err:
             if self.on_failure != "skip":
                 raise
             with self._count_lock:  # the prefetch threads attach concurrently
                 self.unguided_batches += 1
-                skipped = self.unguided_batches
-            log.warning("surrogate unavailable: training this batch on cross-entropy alone (%d so far): %s",
-                        skipped, err)
+                skipped, first, self._guided_since_skip = self.unguided_batches, self._guided_since_skip, False
+            # Once per outage (the first skip after a guided batch); the count is in every logged step.
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "surrogate unavailable: training on cross-entropy alone until it answers (%d batches so far): %s",
+                    skipped, err)
             shape = (*batch["labels"].shape, self.k)
             cand_ids = torch.full(shape, -1, dtype=torch.long)
             cand_logprobs = torch.full(shape, float("-inf"), dtype=torch.float32)

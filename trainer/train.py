@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, set_seed
 
-from trainer.checkpoint import Progress, checkpoints, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from trainer.checkpoint import (Progress, checkpoints, latest_checkpoint, load_checkpoint, remove_checkpoint,
+                                resolve_resume, save_checkpoint)
 from surrogate_server.source import SurrogateUnavailable
 from trainer.config import TrainConfig, TrainingConfig
 from trainer.data import build_lm_datasets
@@ -111,7 +111,7 @@ class Trainer:
             with main_process_first(self.backend):
                 if self.backend.is_main:
                     for old in checkpoints(self.output_dir):
-                        shutil.rmtree(old)
+                        remove_checkpoint(old)
                     log.info("overwrite_output_dir: removed the old checkpoints in %s", self.output_dir)
 
     def _tracker(self) -> NullTracker:

@@ -10,6 +10,7 @@ circuit breaker).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import socket
 import statistics
@@ -179,7 +180,7 @@ def step_seconds(record: dict) -> float:
 
 # -- (3) outages: skip trains through at full speed, fail stops after a checkpoint --------------
 def test_server_killed_mid_training_skip_costs_no_time_and_guidance_comes_back(server, config_for, tmp_path,
-                                                                                monkeypatch):
+                                                                                monkeypatch, caplog):
     """SIGKILL before batch 12, back before batch 42: 30 batches on CE alone, none waiting for the 30 s timeout."""
     outage = KillSwitch(server, kill_at=12, restart_at=42)
     outage.install(monkeypatch)
@@ -209,6 +210,8 @@ def test_server_killed_mid_training_skip_costs_no_time_and_guidance_comes_back(s
     assert outage.resumed_after < 10
     assert all(r["guided_share"] > 0 for r in records if r["step"] > unguided[-1]["step"])
     assert sum(r.get("guidance_reregistrations", 0) for r in records) >= 1
+    warned = [r for r in caplog.records if r.name == "trainer.guidance" and r.levelno == logging.WARNING]
+    assert len(warned) == 1, [r.getMessage() for r in warned]  # once per outage, not once per batch
 
 
 def test_two_endpoints_killing_one_loses_no_guidance(server, surrogate_dir, config_for, tmp_path, monkeypatch):
