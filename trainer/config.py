@@ -71,7 +71,7 @@ class SurrogateConfig:
         choices=ALIGNMENTS,
     )
     length_ratio: float = option(
-        1.25,
+        1.125,
         "alignment bytes: surrogate tokens per base token of a block; the surrogate reads S = ratio x "
         "max_seq_length tokens, rounded up to a multiple of 8 (a longer text is cut; the cut is logged).",
         "surrogate_length_ratio",
@@ -151,6 +151,11 @@ class TrainingConfig:
     mixed_precision: str = option("no", "Autocast precision: no, bf16 or fp16 (fp16 only on CUDA).", choices=MIXED_PRECISION)
     loss_type: str = option("surrogate", "surrogate | kl | standard (docs/method.md §4).", choices=LOSS_TYPES)
     z_loss_multiplier: float = option(0.0, "Weight of the z-loss, logsumexp(z)^2.")
+    fused_loss: bool = option(
+        True,
+        "Compute the loss from the final hidden states and the LM head chunk by chunk, never holding the "
+        "full-vocabulary logits (trainer.losses.fused_sdce_loss); models whose head it cannot reproduce use logits.",
+    )
     output_dir: str = option("./outputs", "Where checkpoints, the final model, config and logs go.")
     overwrite_output_dir: bool = option(False, "Start afresh even if output_dir already holds checkpoints.")
     resume_from_checkpoint: str | None = option(None, "A checkpoint directory, or 'latest' for the newest in output_dir.")

@@ -56,6 +56,55 @@ def load_base_model(cfg: ModelConfig, tokenizer, backend: Backend, weights_from:
     return model.to(backend.device)
 
 
+class HiddenStates(torch.nn.Module):
+    """A causal LM without its head: the forward gives the final hidden states [B, T, H] (fused_sdce_loss's input).
+
+    The trainer wraps this, not the LM, in DDP: the head's weight then gets its gradient from the loss,
+    in the same backward, like every other parameter.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+
+    @property
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight [V, H] and bias [V] (or None)."""
+        lm_head = self.model.get_output_embeddings()
+        return lm_head.weight, lm_head.bias
+
+    def tie_weights(self) -> None:
+        self.model.tie_weights()
+
+
+def hidden_states_of(model: PreTrainedModel) -> HiddenStates | None:
+    """``HiddenStates(model)`` when its logits are exactly ``lm_head(decoder(x))`` (checked on a probe), else None.
+
+    Models that soft-cap or rescale their logits after the head (Gemma-2's final_logit_softcapping,
+    Cohere's logit_scale, Granite's logits_scaling) keep the logits path.
+    """
+    head, decoder = model.get_output_embeddings(), model.get_decoder()
+    if not isinstance(head, torch.nn.Linear) or decoder is model:
+        return None
+    hidden = HiddenStates(model)
+    probe = torch.arange(4, device=head.weight.device).remainder(head.weight.shape[0]).unsqueeze(0)
+    training = model.training
+    with torch.no_grad():
+        model.eval()
+        expected = model(input_ids=probe).logits.float()
+        got = torch.nn.functional.linear(hidden(probe), *hidden.head).float()
+        model.train(training)
+    tolerance = 1e-4 * max(1.0, expected.abs().max().item())
+    if not torch.allclose(got, expected, rtol=0.0, atol=tolerance):
+        log.info("fused loss off: %s changes its logits after the LM head; training on full logits",
+                 type(model).__name__)
+        return None
+    return hidden
+
+
 def connect_surrogate(cfg: SurrogateConfig, device: torch.device) -> SurrogateSource:
     """The run's guidance provider: a client of the servers in ``cfg.endpoint``, else the model loaded here."""
     if cfg.endpoint:

@@ -27,8 +27,8 @@ from trainer.config import TrainConfig, TrainingConfig
 from trainer.data import build_lm_datasets
 from trainer.device import Backend, main_process_first
 from trainer.guidance import Batch, Guide, guided_batches
-from trainer.losses import IGNORE_INDEX, sdce_loss
-from trainer.models import build_guide, load_base_model, load_tokenizer
+from trainer.losses import IGNORE_INDEX, fused_sdce_loss, sdce_loss
+from trainer.models import build_guide, hidden_states_of, load_base_model, load_tokenizer
 from trainer.schedules import surrogate_weight
 from trainer.tracking import NullTracker, Tracker
 
@@ -86,7 +86,9 @@ class Trainer:
             log.info("byte alignment on %d blocks: %.1f%% of labelled positions guided, %.2f%% cut by the surrogate "
                      "length, %.0f base tokens/s", len(sample["input_ids"]), 100 * measured["guided_share"],
                      100 * measured["truncated_share"], measured["tokens_per_s"])
-        self.ddp_model = backend.wrap_model(self.model)
+        # With the fused loss the wrapped forward stops at the final hidden states; the loss applies the head.
+        self.hidden = hidden_states_of(self.model) if config.training.fused_loss else None
+        self.ddp_model = backend.wrap_model(self.hidden if self.hidden is not None else self.model)
         self.plan = StepPlan.make(len(self._train_loader(epoch=0)), cfg)
         self.optimizer = self._optimizer()
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.plan.total_steps)
@@ -269,17 +271,8 @@ class Trainer:
         for i, batch in enumerate(micro):
             with backend.no_sync(self.ddp_model, last_micro_batch=i == len(micro) - 1), backend.autocast():
                 batch = {k: v.to(backend.device, non_blocking=True) for k, v in batch.items()}
-                logits = self.ddp_model(input_ids=batch["input_ids"]).logits
-                loss, parts = sdce_loss(
-                    logits,
-                    batch["labels"],
-                    batch.get("cand_ids"),
-                    batch.get("cand_logprobs"),
-                    loss_type=cfg.loss_type,
-                    surrogate_weight=lam,
-                    num_labels=num_labels,
-                    z_loss_multiplier=cfg.z_loss_multiplier,
-                )
+                loss, parts = self._loss(self.ddp_model, batch, loss_type=cfg.loss_type, surrogate_weight=lam,
+                                         num_labels=num_labels, z_loss_multiplier=cfg.z_loss_multiplier)
             # DDP averages gradients over ranks; the loss is already a share of the global sum.
             self.scaler.scale(loss * backend.world_size).backward()
             window.add(loss.detach(), parts, tokens=batch["input_ids"].numel() * backend.world_size)
@@ -295,6 +288,15 @@ class Trainer:
         backend.mark_step()
         window.end_step(grad_norm.detach(), lam, local_labels)
         self.progress.tokens_seen += sum(b["input_ids"].numel() for b in micro) * backend.world_size
+
+    def _loss(self, forward: torch.nn.Module, batch: Batch, **loss_args: Any) -> tuple[torch.Tensor, dict]:
+        """The SDCE loss of a batch: fused from the hidden states (``forward`` ends there), else from the logits."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        candidates = (batch["labels"], batch.get("cand_ids"), batch.get("cand_logprobs"))
+        if self.hidden is not None:
+            weight, bias = self.hidden.head
+            return fused_sdce_loss(forward(**inputs), weight, *candidates, bias=bias, **loss_args)
+        return sdce_loss(forward(**inputs).logits, *candidates, **loss_args)
 
     def _guidance_wait(self) -> float:
         """Seconds the loop has spent blocked on guidance alone (not data), cumulative."""
@@ -333,8 +335,8 @@ class Trainer:
         for batch in self._eval_loader():
             batch = {k: v.to(self.backend.device) for k, v in batch.items()}
             with self.backend.autocast():
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-            _, parts = sdce_loss(logits, batch["labels"], None, None, loss_type="standard", surrogate_weight=0.0, num_labels=1)
+                forward = self.hidden if self.hidden is not None else self.model
+                _, parts = self._loss(forward, batch, loss_type="standard", surrogate_weight=0.0, num_labels=1)
             total += torch.stack([parts["ce"].double(), parts["num_labels"].double()])
             self.backend.mark_step()
         self.backend.all_reduce_sum(total)

@@ -30,6 +30,19 @@ def test_loss_falls(make_config, loss_type):
         assert any(h["surrogate_term"] > 0 for h in result.history)
 
 
+@pytest.mark.parametrize("loss_type", ["surrogate", "kl"])
+def test_fused_loss_trains_like_the_logits_path(make_config, tmp_path, loss_type):
+    """fused_sdce_loss (the default) against sdce_loss on full logits: the same run, step by step, to 1e-4."""
+    common = {"loss_type": loss_type, "max_steps": 6, "logging_steps": 1, "gradient_accumulation_steps": 2,
+              "z_loss_multiplier": 1e-3}
+    fused = train(make_config({"training": common}, tmp_path / "fused"))
+    logits = train(make_config({"training": {**common, "fused_loss": False}}, tmp_path / "logits"))
+    for a, b in zip(fused.history, logits.history, strict=True):
+        for key in ("loss", "ce", "surrogate_term", "z_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["step"])
+    assert fused.eval_loss == pytest.approx(logits.eval_loss, abs=1e-4)
+
+
 def test_accumulation_equals_one_big_batch(make_config, tmp_path):
     common = {"loss_type": "surrogate", "max_steps": 2, "max_grad_norm": 0.0}
     big = train(make_config({"training": {**common, "per_device_train_batch_size": 4}}, tmp_path / "big"))
