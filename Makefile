@@ -31,5 +31,11 @@ xla-env:
 xla-test: xla-env
 	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest tests/xla $(PYTEST_ARGS)
 
+# The compose lane: the CPU stack of deploy/docker-compose.yml under a real Docker engine, a
+# surrogate restart mid-training included (deploy/compose_test.py; needs no .venv).
+.PHONY: compose-test
+compose-test:
+	python3 deploy/compose_test.py
+
 clean:
 	rm -rf $(VENV) $(XLA_VENV) .cache outputs
