@@ -68,7 +68,8 @@ class HiddenStates(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        # No use_cache=False: as the LM's own forward, so nothing differs (on XLA it costs a host read per call).
+        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
 
     @property
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:

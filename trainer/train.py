@@ -87,11 +87,7 @@ class Trainer:
                      "length, %.0f base tokens/s", len(sample["input_ids"]), 100 * measured["guided_share"],
                      100 * measured["truncated_share"], measured["tokens_per_s"])
         # With the fused loss the wrapped forward stops at the final hidden states; the loss applies the head.
-        # Not on XLA yet: there it trains right but reads one value back to the host per step (tests/xla).
-        fused = config.training.fused_loss and backend.kind != "xla"
-        if config.training.fused_loss and not fused:
-            log.info("fused loss off on %s: training on full logits", backend.device)
-        self.hidden = hidden_states_of(self.model) if fused else None
+        self.hidden = hidden_states_of(self.model) if config.training.fused_loss else None
         self.ddp_model = backend.wrap_model(self.hidden if self.hidden is not None else self.model)
         self.plan = StepPlan.make(len(self._train_loader(epoch=0)), cfg)
         self.optimizer = self._optimizer()
