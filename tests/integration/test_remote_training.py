@@ -169,8 +169,10 @@ def test_remote_training_matches_in_process(server, config_for, in_process_run, 
     assert result.eval_loss == pytest.approx(in_process_run.eval_loss, rel=1e-5)
     last = read_metrics(tmp_path)[-2]  # the last step's record (the final one is the eval)
     assert last["unguided_batches"] == 0 and all(h["guided_share"] > 0 for h in result.history)
-    for key in ("guidance_latency_ms_p50", "guidance_bytes_per_token", "guidance_requests", "input_wait_share"):
-        assert key in last, key
+    assert "guidance_requests" in last and "input_wait_share" in last
+    # Latency and size come with the windows that made requests; prefetching may have made the last one's earlier.
+    for key in ("guidance_latency_ms_p50", "guidance_bytes_per_token"):
+        assert any(key in record for record in result.history), key
 
 
 def step_seconds(record: dict) -> float:
