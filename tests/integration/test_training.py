@@ -30,7 +30,7 @@ def test_loss_falls(make_config, loss_type):
         assert any(h["surrogate_term"] > 0 for h in result.history)
 
 
-@pytest.mark.parametrize("loss_type", ["surrogate", "kl"])
+@pytest.mark.parametrize("loss_type", ["standard", "surrogate", "kl"])
 def test_fused_loss_trains_like_the_logits_path(make_config, tmp_path, loss_type):
     """fused_sdce_loss (the default) against sdce_loss on full logits: the same run, step by step, to 1e-4."""
     common = {"loss_type": loss_type, "max_steps": 6, "logging_steps": 1, "gradient_accumulation_steps": 2,
