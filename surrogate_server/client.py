@@ -168,6 +168,7 @@ class RemoteSurrogate:
         self._window = _Window()
         self._info: pb.InfoResponse | None = None
         self._vocabulary: pb.VocabularyResponse | None = None
+        self._spec: VocabularySpec | None = None
         self._closed = threading.Event()
 
     @staticmethod
@@ -199,7 +200,9 @@ class RemoteSurrogate:
         return {"timeout": seconds, "metadata": self._metadata}
 
     def vocabulary(self) -> VocabularySpec:
-        """The surrogate's vocabulary from the server, checked against the fingerprint GetInfo announces."""
+        """The surrogate's vocabulary from the server, checked against the fingerprint GetInfo announces (once)."""
+        if self._spec is not None:
+            return self._spec
         info = self._wire_info()
         response = self._vocabulary_response()
         if response.HasField("vocabulary"):
@@ -216,6 +219,7 @@ class RemoteSurrogate:
             "surrogate server %s: model %s, %d-token %s vocabulary, %s on %s",
             ",".join(self.endpoints), info.model_id, len(spec.tokens), spec.family, info.dtype, info.device,
         )
+        self._spec = spec
         return spec
 
     def tokenizer(self) -> PreTrainedTokenizerFast:

@@ -62,3 +62,13 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
     )
+
+
+def local_tokenizers(vocab_size: int) -> dict[str, PreTrainedTokenizerFast]:
+    """One tokenizer of each family (byte_level, sentencepiece, wordpiece), trained on corpus()."""
+    texts = corpus()
+    return {
+        "byte_level": train_byte_level_bpe(texts, vocab_size),
+        "sentencepiece": train_sentencepiece_bpe(texts, vocab_size),
+        "wordpiece": train_wordpiece(texts, vocab_size),
+    }

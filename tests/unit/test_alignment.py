@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from tests.tokenizer_factory import corpus, train_byte_level_bpe, train_sentencepiece_bpe, train_wordpiece
+from tests.tokenizer_factory import corpus, local_tokenizers
 from surrogate_server.vocabulary import VocabularySpec, token_bytes, vocabulary_spec
 from trainer.alignment import VocabAlignment, align_vocabularies
 
@@ -31,12 +31,7 @@ PAIRINGS = [
 
 @pytest.fixture(scope="module")
 def toks() -> dict[str, PreTrainedTokenizerFast]:
-    texts = corpus()
-    return {
-        "byte_level": train_byte_level_bpe(texts, VOCAB_SIZE),
-        "sentencepiece": train_sentencepiece_bpe(texts, VOCAB_SIZE),
-        "wordpiece": train_wordpiece(texts, VOCAB_SIZE),
-    }
+    return local_tokenizers(VOCAB_SIZE)
 
 
 @pytest.fixture(scope="module")

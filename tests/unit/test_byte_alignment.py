@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from surrogate_server.vocabulary import token_bytes, vocabulary_spec
-from tests.tokenizer_factory import corpus, train_byte_level_bpe, train_sentencepiece_bpe, train_wordpiece
+from tests.tokenizer_factory import corpus, local_tokenizers
 from trainer.alignment import AlignmentCounts, ByteAligner, align_vocabularies, byte_aligned_inputs
 from trainer.demo import stdlib_docstrings
 
@@ -62,12 +62,7 @@ def english() -> list[str]:
 
 @pytest.fixture(scope="module")
 def toks() -> dict[str, PreTrainedTokenizerFast]:
-    texts = corpus()
-    return {
-        "byte_level": train_byte_level_bpe(texts, VOCAB_SIZE),
-        "sentencepiece": train_sentencepiece_bpe(texts, VOCAB_SIZE),
-        "wordpiece": train_wordpiece(texts, VOCAB_SIZE),
-    }
+    return local_tokenizers(VOCAB_SIZE)
 
 
 @pytest.fixture(scope="module")
