@@ -19,20 +19,16 @@ IGNORE_INDEX = -100  # the label of a position without a target (the transformer
 
 
 def _validate(
-    logits: Tensor, labels: Tensor, cand_ids: Tensor | None, cand_logprobs: Tensor | None, loss_type: str
+    scores: Tensor, labels: Tensor, cand_ids: Tensor | None, cand_logprobs: Tensor | None, loss_type: str,
+    scores_name: str = "logits [B, T, V]",
 ) -> None:
-    """Raise ValueError for arguments of sdce_loss that the caller must change."""
+    """Raise ValueError for arguments of sdce_loss (scores: the logits) that the caller must change."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+    if scores.dim() != 3 or labels.shape != scores.shape[:2]:
         raise ValueError(
-            f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+            f"expected {scores_name} and labels [B, T], got {tuple(scores.shape)} and {tuple(labels.shape)}"
         )
-    _validate_candidates(labels, cand_ids, cand_logprobs, loss_type)
-
-
-def _validate_candidates(labels: Tensor, cand_ids: Tensor | None, cand_logprobs: Tensor | None, loss_type: str) -> None:
-    """Raise ValueError for candidate tensors that do not fit loss_type and labels [B, T]."""
     if loss_type == "standard":
         return
     if cand_ids is None or cand_logprobs is None:
@@ -79,16 +75,22 @@ def _log1mexp(a: Tensor) -> Tensor:
     return torch.where(near, torch.log(-torch.expm1(a_near)), torch.log1p(-torch.exp(a_far)))
 
 
-def _surrogate_term(z_cand: Tensor, logprobs: Tensor, valid: Tensor) -> Tensor:
-    """S_t = sum_j w_tj * l_tj over the valid candidates -> [B, T] (0 where none).
+def _surrogate_term(log_q: Tensor, logprobs: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """S_t = sum_j w_tj * l_tj over the valid candidates -> [...] (0 where none), and dS/dlog_q -> [..., k].
+
+    The gradient (0 at invalid slots) is dS/dz_j = q_j * sum_i w_i - w_j with q the candidate-set softmax
+    (sum_i w_i = 1 for a row with candidates); fused_sdce_loss uses it, sdce_loss leaves it to autograd.
 
     Args:
-        z_cand: [B, T, k] base logits at the candidate ids.
-        logprobs: [B, T, k] surrogate log-probs (no gradient).
-        valid: [B, T, k] bool, which slots hold a candidate.
+        log_q: [..., k] base log-softmax at the candidate ids (the candidate-set softmax is shift
+            invariant, so these serve as well as logits).
+        logprobs: [..., k] surrogate log-probs (no gradient).
+        valid: [..., k] bool, which slots hold a candidate.
     """
-    log_q = _masked_log_softmax(z_cand, valid)
-    return -(_candidate_weights(logprobs, valid) * log_q).sum(-1)
+    weights = _candidate_weights(logprobs, valid)
+    log_q_set = _masked_log_softmax(log_q, valid)
+    grad = (log_q_set.exp() * weights.sum(-1, keepdim=True) - weights) * valid
+    return -(weights * log_q_set).sum(-1), grad
 
 
 def _candidate_weights(logprobs: Tensor, valid: Tensor) -> Tensor:
@@ -99,19 +101,27 @@ def _candidate_weights(logprobs: Tensor, valid: Tensor) -> Tensor:
     return _masked_log_softmax(neg_perplexity, valid).exp() * valid
 
 
-def _kl_term(log_q: Tensor, logprobs: Tensor, valid: Tensor) -> Tensor:
-    """KL(P_t || Q_t) over the k bucket ids plus one tail bucket -> [B, T].
+def _kl_term(log_q: Tensor, logprobs: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(P_t || Q_t) over the k bucket ids plus one tail bucket -> [...], and dKL/dlog_q -> [..., k].
+
+    KL = sum_j p_j (log p_j - log q_j) + p_tail (log p_tail - log(1 - m)) with m = sum_j q_j, so
+    dKL/dlog q_j = -p_j + p_tail * m / (1 - m) * q_j / m (0 at invalid slots; none where m is floored
+    at 1 - eps). fused_sdce_loss uses the gradient, sdce_loss leaves it to autograd.
 
     Args:
-        log_q: [B, T, k] base log-softmax at the bucket ids.
-        logprobs: [B, T, k] surrogate log-probs (no gradient).
-        valid: [B, T, k] bool, which slots hold a bucket.
+        log_q: [..., k] base log-softmax at the bucket ids.
+        logprobs: [..., k] surrogate log-probs (no gradient).
+        valid: [..., k] bool, which slots hold a bucket.
     """
     p, log_p, p_tail, log_p_tail = _surrogate_buckets(logprobs, valid)
     head = (p * (log_p - log_q)).sum(-1)
+    log_mass = _masked_logsumexp(log_q, valid)
     # Q's tail is floored at eps: below that fp cannot resolve it from top-k data.
-    q_mass = _masked_logsumexp(log_q, valid).clamp(max=_q_mass_max(log_q.dtype))
-    return head + p_tail * (log_p_tail - _log1mexp(q_mass))
+    q_mass = log_mass.clamp(max=_q_mass_max(log_q.dtype))
+    log_q_tail = _log1mexp(q_mass)
+    tail_grad = torch.where(log_mass <= q_mass, p_tail * torch.exp(q_mass - log_q_tail), 0.0)
+    share = torch.where(valid, torch.exp(log_q - log_mass.unsqueeze(-1)), 0.0)  # q_j / m
+    return head + p_tail * (log_p_tail - log_q_tail), tail_grad.unsqueeze(-1) * share - p
 
 
 def _q_mass_max(dtype: torch.dtype) -> float:
@@ -131,6 +141,9 @@ def _surrogate_buckets(logprobs: Tensor, valid: Tensor) -> tuple[Tensor, Tensor,
     return p, log_p, p_tail, torch.where(p_tail > 0, log_p_tail, 0.0)
 
 
+_AUX_TERMS = {"surrogate": _surrogate_term, "kl": _kl_term}
+
+
 def _log_softmax_at(logits: Tensor, ids: Tensor, dtype: torch.dtype) -> Tensor:
     """log softmax(z_t) [B, T, m] at `ids` [B, T, m], computed in `dtype`.
 
@@ -139,20 +152,6 @@ def _log_softmax_at(logits: Tensor, ids: Tensor, dtype: torch.dtype) -> Tensor:
     at the targets). The upcast copy of low-precision logits is freed on return.
     """
     return torch.log_softmax(logits.to(dtype), dim=-1).gather(-1, ids)
-
-
-def _aux_sum(loss_type: str, log_q: Tensor, logprobs: Tensor, valid: Tensor) -> Tensor:
-    """sum_t S_t or sum_t KL_t; a position with no valid slot (no label, or no candidate) adds exactly 0.
-
-    Args:
-        log_q: [B, T, k] base log-softmax at the candidate ids (the candidate-set softmax
-            of the surrogate term is shift invariant, so these serve it as well as logits).
-    """
-    if loss_type == "surrogate":
-        per_position = _surrogate_term(log_q, logprobs, valid)
-    else:
-        per_position = _kl_term(log_q, logprobs, valid)
-    return torch.where(valid.any(-1), per_position, 0.0).sum()
 
 
 def sdce_loss(
@@ -208,8 +207,10 @@ def sdce_loss(
         loss = ce_sum / n
     else:
         valid = (cand_ids >= 0) & labelled.unsqueeze(-1)
-        aux_sum = _aux_sum(loss_type, log_probs[..., 1:], cand_logprobs.detach().to(dtype), valid)
-        guided = valid.any(-1).sum()
+        guided_at = valid.any(-1)  # positions with no valid slot (no label, no candidate) add exactly 0
+        per_position, _ = _AUX_TERMS[loss_type](log_probs[..., 1:], cand_logprobs.detach().to(dtype), valid)
+        aux_sum = torch.where(guided_at, per_position, 0.0).sum()  # the gradient: autograd's
+        guided = guided_at.sum()
         weight = surrogate_weight.to(dtype) if isinstance(surrogate_weight, Tensor) else surrogate_weight
         loss = (ce_sum + weight * aux_sum) / n  # 0 * finite adds nothing: lambda = 0 is standard, bit for bit
     if z_loss_multiplier != 0.0:
@@ -228,33 +229,6 @@ def sdce_loss(
 # --- Fused LM head + SDCE loss: no full-vocabulary logits --------------------------------------------------------
 
 DEFAULT_CHUNK_TOKENS = 512  # fp32 logits of one chunk: 103 MB at V = 50,257, 311 MB at V = 151,936
-
-
-def _surrogate_term_and_grad(log_q: Tensor, logprobs: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """_surrogate_term -> [c] and its gradient w.r.t. log_q -> [c, k] (0 at invalid slots).
-
-    dS/dz_j = q_j * sum_i w_i - w_j with q the candidate-set softmax (sum_i w_i = 1 for a row with candidates).
-    """
-    weights = _candidate_weights(logprobs, valid)
-    log_q_set = _masked_log_softmax(log_q, valid)
-    grad = (log_q_set.exp() * weights.sum(-1, keepdim=True) - weights) * valid
-    return -(weights * log_q_set).sum(-1), grad
-
-
-def _kl_term_and_grad(log_q: Tensor, logprobs: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """_kl_term -> [c] and its gradient w.r.t. log_q -> [c, k] (0 at invalid slots).
-
-    KL = sum_j p_j (log p_j - log q_j) + p_tail (log p_tail - log(1 - m)) with m = sum_j q_j, so
-    dKL/dlog q_j = -p_j + p_tail * m / (1 - m) * q_j / m; no gradient where m is floored at 1 - eps.
-    """
-    p, log_p, p_tail, log_p_tail = _surrogate_buckets(logprobs, valid)
-    head = (p * (log_p - log_q)).sum(-1)
-    log_mass = _masked_logsumexp(log_q, valid)
-    q_mass = log_mass.clamp(max=_q_mass_max(log_q.dtype))
-    log_q_tail = _log1mexp(q_mass)
-    tail_grad = torch.where(log_mass <= q_mass, p_tail * torch.exp(q_mass - log_q_tail), 0.0)
-    share = torch.where(valid, torch.exp(log_q - log_mass.unsqueeze(-1)), 0.0)  # q_j / m
-    return head + p_tail * (log_p_tail - log_q_tail), tail_grad.unsqueeze(-1) * share - p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,9 +280,8 @@ def _fused_chunk(
     if spec.loss_type == "standard":
         aux_sum = ce_sum.new_zeros(())
     else:
-        term_and_grad = _surrogate_term_and_grad if spec.loss_type == "surrogate" else _kl_term_and_grad
         valid = batch.valid[rows]
-        per_position, aux_grad = term_and_grad(log_probs[:, 1:], batch.cand_logprobs[rows], valid)
+        per_position, aux_grad = _AUX_TERMS[spec.loss_type](log_probs[:, 1:], batch.cand_logprobs[rows], valid)
         guided = valid.any(-1)
         aux_sum = torch.where(guided, per_position, 0.0).sum()
         aux_grad = torch.where(guided.unsqueeze(1), aux_grad, 0.0) * (batch.weight * inv_n)
@@ -451,8 +424,8 @@ def fused_sdce_loss(
     Returns:
         (loss 0-dim, parts): the same as sdce_loss of the logits, so either can stand in for the other.
     """
-    _validate_fused(hidden, weight, bias, labels, loss_type, chunk_tokens)
-    _validate_candidates(labels, cand_ids, cand_logprobs, loss_type)
+    _validate(hidden, labels, cand_ids, cand_logprobs, loss_type, "hidden [B, T, H]")
+    _validate_head(hidden, weight, bias, chunk_tokens)
     matmul_dtype = _matmul_dtype(hidden, weight)
     spec = _FusedSpec(loss_type, float(z_loss_multiplier), chunk_tokens, matmul_dtype,
                       torch.promote_types(matmul_dtype, torch.float32))
@@ -469,16 +442,8 @@ def fused_sdce_loss(
     return loss, {"ce": ce, "aux": aux, "z_loss": z, "num_labels": count, "guided_positions": guided}
 
 
-def _validate_fused(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, loss_type: str, chunk_tokens: int
-) -> None:
-    """Raise ValueError for arguments of fused_sdce_loss (other than candidates) that the caller must change."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"expected hidden [B, T, H] and labels [B, T], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
-        )
+def _validate_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk_tokens: int) -> None:
+    """Raise ValueError for the LM head and chunk size of fused_sdce_loss that the caller must change."""
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"expected weight [V, H] with H = {hidden.shape[2]}, got {tuple(weight.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
