@@ -248,11 +248,8 @@ class _Segments:
 
 
 class ByteAligner:
-    """Byte-aligned surrogate inputs for packed base blocks (docs/method.md §2b); build once, call per batch.
-
-        aligner = ByteAligner(base_tok, surrogate_tok, max_surrogate_tokens=264)
-        surrogate_ids, surrogate_mask, guide_index = aligner(base_ids)   # [B, S], [B, S], [B, T]
-        aligned = aligner.align(base_ids)                                 # the same, plus counts to log
+    """Byte-aligned surrogate inputs for packed base blocks (docs/method.md §2b); build once, call per batch
+    (usage: the module docstring).
 
     A row's text is the bytes its base tokens stand for (``token_bytes``). Base ids that stand for
     no bytes (eos, bos, pad, unk, control tokens) are *boundaries*: the text between two of them is
@@ -570,27 +567,6 @@ def _repair_utf8(
         raws[i] = raw
         texts.append(text)
     return texts
-
-
-def byte_aligned_inputs(
-    base_ids: torch.Tensor,
-    base_tokenizer: PreTrainedTokenizerBase,
-    surrogate_tokenizer: PreTrainedTokenizerBase,
-    max_surrogate_tokens: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(surrogate_ids [B, S] long, surrogate_mask [B, S] long, guide_index [B, T] long) for base_ids [B, T].
-
-    The functional form of `ByteAligner` (see there for the rules), S = max_surrogate_tokens. Its
-    tables are built on the first call for a tokenizer pair and S and kept (a few, by identity).
-    """
-    return _aligner(base_tokenizer, surrogate_tokenizer, max_surrogate_tokens)(base_ids)
-
-
-@functools.lru_cache(maxsize=4)
-def _aligner(
-    base_tokenizer: PreTrainedTokenizerBase, surrogate_tokenizer: PreTrainedTokenizerBase, max_surrogate_tokens: int
-) -> ByteAligner:
-    return ByteAligner(base_tokenizer, surrogate_tokenizer, max_surrogate_tokens)
 
 
 def _text_encoder(state: str, *, normalize: bool) -> Tokenizer:
