@@ -142,8 +142,8 @@ class SurrogateEngine:
         """
         self._validate(input_ids, attention_mask, k, permitted)
         started = time.perf_counter()
-        with self._lock:
-            out = self._topk(input_ids, attention_mask, k, permitted)
+        with self._lock, (torch.no_grad() if self.lazy else torch.inference_mode()):
+            out = self._compute_topk(input_ids, attention_mask, k, permitted)
             self._requests += 1
             self._seconds += time.perf_counter() - started
         # Inference tensors cannot be saved for backward: clone outside inference mode so
@@ -223,12 +223,8 @@ class SurrogateEngine:
         return moved
 
     # -- the computation ---------------------------------------------------------------------
-    def _topk(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> TopK:
-        """The computation behind :meth:`topk`, on validated inputs."""
-        with torch.no_grad() if self.lazy else torch.inference_mode():
-            return self._compute_topk(input_ids, attention_mask, k, permitted)
-
     def _compute_topk(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> TopK:
+        """The computation behind :meth:`topk`, on validated inputs (under its lock and no-grad mode)."""
         batch, length = input_ids.shape
         if batch * length == 0:
             return TopK(logprobs=torch.full((batch, length, k), float("-inf"), device=self.device),
