@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from surrogate_server.process import ServerProcess  # noqa: E402
+from trainer.tracking import read_metrics  # noqa: E402
 
 # Dense bf16 peak TFLOP/s by device name fragment (vendor data sheets, SXM parts).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
@@ -87,8 +88,7 @@ def run(args: argparse.Namespace, paths: tuple[Path, Path, Path], out: Path, ran
     done = subprocess.run([*launcher, *flags], cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(launcher[-1:] + flags[:1])} failed:\n{done.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][args.warmup:]
+    rates = [r["tokens_per_s"] for r in read_metrics(out)][args.warmup:]
     return statistics.median(rates)
 
 

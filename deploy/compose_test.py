@@ -244,7 +244,9 @@ def read_metrics(stack: Stack) -> list[dict]:
 
 
 def steps(records: list[dict]) -> list[dict]:
-    return [r for r in records if "loss" in r]
+    """The training records, keys without their "train/" namespace (trainer.tracking.read_metrics, without the import)."""
+    return [{"step": r["step"], **{k.removeprefix("train/"): v for k, v in r.items() if k.startswith("train/")}}
+            for r in records if "train/loss" in r]
 
 
 def last_step(stack: Stack) -> int:

@@ -44,6 +44,7 @@ class Progress:
     micro_batch: int = 0  # micro-batches of that epoch already consumed (per rank)
     world_size: int = 1  # ranks that consumed them
     tokens_seen: int = 0  # training tokens over all ranks
+    wandb_run_id: str | None = None  # the W&B run this job logs to: a resumed job continues it
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:

@@ -165,7 +165,8 @@ class TrainingConfig:
     save_total_limit: int | None = option(3, "Keep at most this many checkpoints (None: all).")
     seed: int = option(42, "Seed for initialisation, data order and dropout.")
     wandb_project: str | None = option(None, "Log to this Weights & Biases project (WANDB_MODE=offline works).")
-    wandb_run_name: str | None = option(None, "Weights & Biases run name.")
+    wandb_run_name: str | None = option(None, "Weights & Biases run name.", "wandb_run_name", "run_name")
+    wandb_tags: str | None = option(None, "Weights & Biases tags, comma-separated.", "wandb_tags", "tags")
     progress_bar: bool = option(True, "Show a progress bar on the main process.")
 
     def __post_init__(self) -> None:

@@ -123,9 +123,12 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(self.output_dir / "config.yaml")
         log.info("resolved config:\n%s", self.config.to_yaml())
-        return Tracker(
-            self.output_dir, wandb_project=cfg.wandb_project, run_name=cfg.wandb_run_name, config=self.config.to_dict()
+        tracker = Tracker(
+            self.output_dir, wandb_project=cfg.wandb_project, run_name=cfg.wandb_run_name, tags=cfg.wandb_tags,
+            config=self.config.to_dict(), run_id=self.progress.wandb_run_id,
         )
+        self.progress.wandb_run_id = tracker.run_id  # saved with every checkpoint: a resumed job continues the run
+        return tracker
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config.training
@@ -237,7 +240,8 @@ class Trainer:
             step = self.progress.step
             if step % cfg.logging_steps == 0 or step == self.plan.total_steps:
                 lr = self.scheduler.get_last_lr()[0]
-                record = window.flush(self._guide_stats(), lr=lr, epoch=self._epoch_float())
+                record = window.flush(self._guide_stats(), lr=lr, epoch=self._epoch_float(),
+                                      tokens_seen=self.progress.tokens_seen)
                 record.update(self.backend.step_metrics())  # after the flush: its own graph counts too
                 history.append({"step": step, **record})
                 self.tracker.log(record, step)
@@ -252,7 +256,7 @@ class Trainer:
         eval_metrics = self._evaluate_and_log(self.progress.step)
         self._save_final()
         wall = time.perf_counter() - start
-        self.tracker.summary({**eval_metrics, "wall_seconds": wall})
+        self.tracker.summary({"eval": _eval_names(eval_metrics), "train": {"wall_seconds": wall}})
         self.tracker.finish()
         return TrainResult(
             self.output_dir, self.progress.step, eval_metrics.get("eval_loss"), eval_metrics.get("eval_perplexity"), wall, history
@@ -347,7 +351,7 @@ class Trainer:
 
     def _evaluate_and_log(self, step: int) -> dict[str, float]:
         metrics = self.evaluate()
-        self.tracker.log(metrics, step)
+        self.tracker.log(_eval_names(metrics), step, section="eval")
         return metrics
 
     def _save_checkpoint(self) -> Path:
@@ -478,6 +482,11 @@ class MetricWindow:
             if weight > 0:
                 stats[name] = weighted / weight
         return waits, stats
+
+
+def _eval_names(metrics: dict[str, float]) -> dict[str, float]:
+    """``evaluate()``'s metrics as the ``eval`` section names them: eval_loss -> loss (tracked as eval/loss)."""
+    return {key.removeprefix("eval_"): value for key, value in metrics.items()}
 
 
 def train(config: TrainConfig) -> TrainResult | None:

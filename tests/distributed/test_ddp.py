@@ -10,7 +10,6 @@ big batch's loss, DDP averages the gradients of loss * world_size, and so the up
 the big batch's update up to float summation order.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ import torch
 
 from surrogate_server.process import ServerProcess
 from trainer.checkpoint import STATE_FILE, checkpoints
+from trainer.tracking import read_metrics
 from trainer.train import train
 
 pytestmark = pytest.mark.slow
@@ -51,8 +51,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.
 
 def records(out: Path) -> list[dict]:
     """The training records of metrics.jsonl (evaluation records left out)."""
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return read_metrics(out, "train")
 
 
 def assert_same_steps(got: list[dict], want: list[dict], rel: float) -> None:
@@ -82,9 +81,8 @@ def two_ranks(base_dir, surrogate_dir, train_file, tmp_path_factory):
 def test_two_ranks_train_like_one_process_with_twice_the_batch(two_ranks, make_config, tmp_path):
     out, _ = two_ranks
     assert_same_steps(records(out), one_process(make_config, tmp_path / "one", batch=4), rel=1e-4)
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
-    reference = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
-    assert evals[-1]["eval_loss"] == pytest.approx(reference[-1]["eval_loss"], rel=1e-4)
+    evals, reference = read_metrics(out, "eval"), read_metrics(tmp_path / "one", "eval")
+    assert evals[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-4)
 
 
 def test_rank_zero_alone_logs_and_writes(two_ranks):

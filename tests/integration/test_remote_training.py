@@ -9,7 +9,6 @@ circuit breaker).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import socket
@@ -32,6 +31,7 @@ from trainer.checkpoint import checkpoints
 from surrogate_server.config_cli import merge
 from trainer.config import build_config
 from trainer.guidance import placeholder_id, surrogate_inputs
+from trainer.tracking import read_metrics
 from trainer.train import train
 
 pytestmark = pytest.mark.slow
@@ -84,10 +84,6 @@ def remote(server: ServerProcess, **extra) -> dict:
 def in_process_run(config_for, tmp_path_factory):
     """The reference: the same run with the surrogate in the trainer's process."""
     return train(config_for(tmp_path_factory.mktemp("in_process")))
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_same_losses(a: list[dict], b: list[dict]) -> None:

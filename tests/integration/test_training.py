@@ -1,6 +1,5 @@
 """A few real training steps on tiny models: each loss type, accumulation, resume, the CLI."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from trainer.checkpoint import checkpoints
+from trainer.tracking import read_metrics
 from trainer.train import train
 
 pytestmark = pytest.mark.slow
@@ -72,6 +72,19 @@ def test_resume_continues_exactly(make_config, tmp_path):
     assert [p.name for p in checkpoints(tmp_path / "full")] == ["checkpoint-4", "checkpoint-8"]
 
 
+def test_resumed_run_continues_the_same_wandb_run(make_config, tmp_path, monkeypatch):
+    """The W&B run id is saved in the checkpoint: the resumed job logs to the same (offline) run, with its name and tags."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    tracking = {"wandb_project": "sdce-test", "wandb_run_name": "resume-check", "wandb_tags": "ci, resume"}
+    train(make_config({"training": {"loss_type": "standard", "max_steps": 2, "save_steps": 2, **tracking}}, out))
+    train(make_config({"training": {"loss_type": "standard", "max_steps": 4, "save_steps": 2, **tracking,
+                                    "resume_from_checkpoint": "latest"}}, out))
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1, runs
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]  # logging_steps 1: one JSONL file, both jobs
+
+
 def test_existing_checkpoints_need_resume_or_overwrite(make_config, tmp_path):
     out = tmp_path / "run"
     train(make_config({"training": {"loss_type": "standard", "max_steps": 2, "save_steps": 2}}, out))
@@ -93,13 +106,16 @@ def test_command_line_run_writes_model_config_metrics_and_wandb(base_dir, surrog
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert "loss_type: surrogate" in (out / "config.yaml").read_text()
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert {
-        "loss", "ce", "surrogate_term", "lambda", "lr", "grad_norm", "tokens_per_s", "guided_share", "input_wait_share",
-        "guidance_wait_share", "unguided_batches",
+        "loss", "ce", "surrogate_term", "lambda", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "guided_share",
+        "input_wait_share", "guidance_wait_share", "unguided_batches",
     } <= set(records[0])
+    assert [r["tokens_seen"] for r in records] == [2 * 2 * 32, 4 * 2 * 32]  # logging_steps 2, batch 2 x 32 tokens
     assert "z_loss" not in records[0]  # only logged when z_loss_multiplier > 0
-    assert any("eval_perplexity" in r for r in records)
+    assert {"loss", "perplexity", "tokens"} <= set(read_metrics(out, "eval")[-1])
+    lines = (out / "metrics.jsonl").read_text()
+    assert '"train/loss"' in lines and '"eval/loss"' in lines  # the namespaces W&B and HF's Trainer use
     assert [p.name for p in checkpoints(out)] == ["checkpoint-4"]
     assert list((out / "wandb").glob("offline-run-*")), "wandb offline run missing"
     assert "vocabulary alignment" in done.stderr
