@@ -105,15 +105,6 @@ def unpack(message: pb.Tensor, name: str = "tensor", *, dtypes: Collection[int] 
     return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
-def unpack_torch(message: pb.Tensor, name: str = "tensor", *, dtypes: Collection[int] | None = None,
-                 ndim: int | None = None) -> torch.Tensor:
-    """Like :func:`unpack`, as a writable CPU torch tensor (bool never; BFLOAT16 -> torch.bfloat16)."""
-    array = unpack(message, name, dtypes=dtypes, ndim=ndim)
-    if message.dtype == pb.BFLOAT16:
-        return torch.from_numpy(array.copy()).to(torch.bfloat16)
-    return torch.from_numpy(array.copy())
-
-
 def permitted_id(mask: pb.Tensor) -> str:
     """The content address of a permitted-set mask: sha256 hex of its packed bytes."""
     return hashlib.sha256(mask.data).hexdigest()

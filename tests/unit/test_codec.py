@@ -37,14 +37,13 @@ def test_bool_packs_as_uint8_and_torch_round_trips() -> None:
     message = codec.pack(mask)
     assert message.dtype == pb.UINT8 and message.data == b"\x01\x00\x01"
     ids = torch.tensor([[1, 2], [3, 4]], dtype=torch.int32)
-    assert torch.equal(codec.unpack_torch(codec.pack(ids)), ids)
+    assert np.array_equal(codec.unpack(codec.pack(ids)), ids.numpy())
 
 
 def test_bfloat16_is_exact_from_torch_and_rounds_from_float32() -> None:
     x = torch.randn(3, 5).to(torch.bfloat16)
     message = codec.pack(x)
     assert message.dtype == pb.BFLOAT16 and len(message.data) == 30
-    assert torch.equal(codec.unpack_torch(message), x)
     assert np.array_equal(codec.unpack(message), x.float().numpy())
     y = np.float32([1.0 + 2**-10])
     assert codec.unpack(codec.pack(y, pb.BFLOAT16))[0] == 1.0

@@ -74,7 +74,7 @@ class FakeSurrogate(pb_grpc.SurrogateServicer):
 
     def RegisterPermitted(self, request, context):
         self._enter("RegisterPermitted", context)
-        mask = codec.unpack_torch(request.mask, "mask", dtypes=(pb.UINT8,), ndim=1).bool()
+        mask = torch.tensor(codec.unpack(request.mask, "mask", dtypes=(pb.UINT8,), ndim=1)).bool()
         pid = codec.permitted_id(request.mask)
         self.masks[pid] = mask
         return pb.RegisterPermittedResponse(permitted_id=pid, permitted_count=int(mask.sum()))
@@ -87,10 +87,10 @@ class FakeSurrogate(pb_grpc.SurrogateServicer):
             context.abort(failure, "injected")
         if request.permitted_id and request.permitted_id not in self.masks:
             context.abort(grpc.StatusCode.NOT_FOUND, f"permitted set {request.permitted_id} is not registered")
-        ids = codec.unpack_torch(request.input_ids, "input_ids", ndim=2)
+        ids = torch.tensor(codec.unpack(request.input_ids, "input_ids", ndim=2))
         if ids.numel() > self.max_tokens:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too many tokens")
-        mask = codec.unpack_torch(request.attention_mask, "attention_mask", ndim=2)
+        mask = torch.tensor(codec.unpack(request.attention_mask, "attention_mask", ndim=2))
         try:
             top = self.engine.topk(ids, mask, request.k, self.masks.get(request.permitted_id))
         except ValueError as err:
