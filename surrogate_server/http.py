@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import msgpack
@@ -46,6 +46,7 @@ from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
 from surrogate_server.auth import TOKEN_ENV, authorized
 from surrogate_server.server import ServiceError, ServingCore
 
+M = TypeVar("M", pb.TopKRequest, pb.RegisterPermittedRequest)
 MSGPACK = "application/msgpack"
 _HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -54,7 +55,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.CANCELLED: 499,  # the client went away (nginx's code); nobody reads the answer
 }
 _TENSOR_KEYS = {"dtype", "shape", "data"}
-_REQUEST_TENSORS = {"topk": ("input_ids", "attention_mask"), "permitted": ("mask",)}
+_REQUEST_TENSORS = {pb.TopKRequest: ("input_ids", "attention_mask"), pb.RegisterPermittedRequest: ("mask",)}
 
 
 def build_app(state: ServingCore) -> FastAPI:
@@ -98,13 +99,13 @@ def build_app(state: ServingCore) -> FastAPI:
 
     @app.post("/v1/permitted", dependencies=authorized)
     async def permitted(request: Request) -> Response:
-        message = pb.RegisterPermittedRequest(**_decode_body(await _body(request, state), "permitted"))
+        message = _decode_body(await _body(request, state), pb.RegisterPermittedRequest)
         answer = await state.call("HTTP.RegisterPermitted", functools.partial(state.register_permitted, message))
         return _msgpack({"permitted_id": answer.permitted_id, "permitted_count": answer.permitted_count})
 
     @app.post("/v1/topk", dependencies=authorized)
     async def topk(request: Request) -> Response:
-        message = _topk_request(_decode_body(await _body(request, state), "topk"))
+        message = _decode_body(await _body(request, state), pb.TopKRequest)
         answer = await state.call("HTTP.TopK", functools.partial(state.topk, message))
         return _msgpack({
             "request_id": answer.request_id,
@@ -152,29 +153,25 @@ def tensor_from_dict(value: Any, name: str) -> pb.Tensor:
         raise _invalid(f"{name}: {err}") from err
 
 
-def _topk_request(body: dict[str, Any]) -> pb.TopKRequest:
-    try:
-        return pb.TopKRequest(**body)
-    except (TypeError, ValueError) as err:
-        raise _invalid(f"bad field in the request body: {err}") from err
-
-
-def _decode_body(body: bytes, kind: str) -> dict[str, Any]:
-    """A msgpack map body -> keyword arguments of the request message (Tensor maps converted)."""
+def _decode_body(body: bytes, message_type: type[M]) -> M:
+    """A msgpack map body -> the request message (Tensor maps converted)."""
     try:
         value = msgpack.unpackb(body, raw=False)
     except Exception as err:  # msgpack raises several unrelated types for malformed input
         raise _invalid(f"the body is not valid msgpack ({type(err).__name__}); send Content-Type {MSGPACK}") from err
     if not isinstance(value, dict):
         raise _invalid(f"the body must be a msgpack map, got {type(value).__name__}")
-    fields = (pb.TopKRequest if kind == "topk" else pb.RegisterPermittedRequest).DESCRIPTOR.fields_by_name
+    fields = message_type.DESCRIPTOR.fields_by_name
     unknown = sorted(str(key) for key in value if key not in fields)
     if unknown:
         raise _invalid(f"unknown fields {unknown}; the fields are {sorted(fields)}")
-    for name in _REQUEST_TENSORS[kind]:
+    for name in _REQUEST_TENSORS[message_type]:
         if value.get(name) is not None:
             value[name] = tensor_from_dict(value[name], name)
-    return {key: item for key, item in value.items() if item is not None}
+    try:
+        return message_type(**{key: item for key, item in value.items() if item is not None})
+    except (TypeError, ValueError) as err:
+        raise _invalid(f"bad field in the request body: {err}") from err
 
 
 async def _body(request: Request, state: ServingCore) -> bytes:

@@ -61,7 +61,6 @@ from surrogate_server.auth import TOKEN_ENV, authorized
 from surrogate_server.batcher import BatcherConfig, Closed, DynamicBatcher, Job, QueueFull
 from surrogate_server.config_cli import option
 from surrogate_server.engine import SurrogateEngine
-from surrogate_server.source import TopK
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -227,7 +226,7 @@ class ServingCore:
         self.engine = engine
         self.config = config or ServerConfig()
         self.metrics = Metrics()
-        self.batcher = DynamicBatcher(self._forward, self.config.batcher, observer=self.metrics)
+        self.batcher = DynamicBatcher(engine.topk, self.config.batcher, observer=self.metrics)
         self.health = Health()
         self.started = False
         self.draining = False  # health NOT_SERVING, shutting down
@@ -409,9 +408,6 @@ class ServingCore:
         return Job.make(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)),
                         request.k, request.permitted_id, permitted)
 
-    def _forward(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> TopK:
-        return self.engine.topk(input_ids, attention_mask, k, permitted)
-
     def _build_info(self) -> pb.InfoResponse:
         info, spec = self.engine.info(), self._spec
         tokenizer = self.engine.tokenizer() if spec is not None else None
@@ -515,12 +511,10 @@ class GrpcEdge(pb_grpc.SurrogateServicer):
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
-    """Sees every RPC before a byte of it is parsed: notes it for draining, checks auth, parses it.
+    """Sees every RPC before a byte of it is parsed: notes it for draining, checks auth, parses it (module docstring).
 
-    Without ``authorization: Bearer <token>`` (when auth is on; health checks excepted) the
-    call is refused with UNAUTHENTICATED and its request never parsed. Otherwise its handler
-    gets raw bytes and parses them here: bytes that are not the method's request message
-    answer INVALID_ARGUMENT, on a stream once the messages before them are handled.
+    A call refused for its token never has its request parsed; on a stream, bytes that are not the
+    method's message answer INVALID_ARGUMENT once the messages before them are handled.
     """
 
     def __init__(self, core: ServingCore) -> None:
