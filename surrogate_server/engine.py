@@ -243,10 +243,8 @@ class SurrogateEngine:
         return _empty_where_invalid(values, ids, attends_to_nothing, k)
 
     def _block_topk(self, hidden: Tensor, forbidden: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
-        """[n, H] hidden states -> ([n, k] float32 log-probs, [n, k] int64 ids).
-
-        Peak memory n*V*8 bytes: fp32 logits and their log-softmax.
-        """
+        """[n, H] hidden states -> ([n, k] float32 log-probs, [n, k] int64 ids); peak n*V*8 bytes (fp32 logits
+        and their log-softmax)."""
         logits = self._logits(hidden)
         logprobs = torch.log_softmax(logits, dim=-1)
         del logits

@@ -184,12 +184,7 @@ def _tensorcores_per_device(topology: TpuTopology) -> int:
 
 # -- the backend -----------------------------------------------------------------------
 class XlaBackend(Backend):
-    """torch_xla's device, collectives and step boundary behind the ``Backend`` interface."""
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.mixed_precision == "no":
-            return contextlib.nullcontext()
-        return torch.autocast("xla", dtype=torch.bfloat16)  # config rejects fp16 with --device tpu
+    """torch_xla's device, collectives and step boundary behind ``Backend`` (whose autocast serves: bf16 only)."""
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Always disabled (bf16/fp32 need no loss scaling): scale/unscale_/step/update never sync."""
