@@ -182,8 +182,12 @@ class SurrogateInputs:
 
     def __call__(self, rows: list[dict[str, Any]]) -> Batch:
         batch = default_collate(rows)
-        surrogate_ids, surrogate_mask, guide_index = self.aligner(batch["input_ids"])
-        return {**batch, "surrogate_ids": surrogate_ids, "surrogate_mask": surrogate_mask, "guide_index": guide_index}
+        return {**batch, **self.of(batch["input_ids"])}
+
+    def of(self, input_ids: Tensor) -> Batch:
+        """The surrogate input of blocks input_ids [B, T] (for a batch some other collate_fn made)."""
+        surrogate_ids, surrogate_mask, guide_index = self.aligner(input_ids)
+        return {"surrogate_ids": surrogate_ids, "surrogate_mask": surrogate_mask, "guide_index": guide_index}
 
     def measure(self, input_ids: Tensor, labels: Tensor) -> dict[str, float]:
         """Guided and truncated shares of the labelled positions of some blocks, and base tokens/s of the alignment."""

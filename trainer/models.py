@@ -128,23 +128,36 @@ def build_guide(config: TrainConfig, tokenizer, device: torch.device, sample_tex
     """
     if config.training.loss_type == "standard":
         return None
-    scfg = config.surrogate
-    source = connect_surrogate(scfg, device)
+    source = connect_surrogate(config.surrogate, device)
+    return guide_for(source, config.surrogate, tokenizer, loss_type=config.training.loss_type,
+                     max_seq_length=config.data.max_seq_length, sample_text=sample_text)
+
+
+def guide_for(
+    source: SurrogateSource,
+    cfg: SurrogateConfig,
+    tokenizer,
+    *,
+    loss_type: str,
+    max_seq_length: int,
+    sample_text: str | None = None,
+) -> Guide:
+    """The guidance of ``source`` for blocks of ``max_seq_length`` base tokens, as ``cfg`` sets it up."""
     spec = source.vocabulary()
-    alignment = align_vocabularies(tokenizer, spec, sample_text=sample_text, min_coverage=scfg.min_coverage)
+    alignment = align_vocabularies(tokenizer, spec, sample_text=sample_text, min_coverage=cfg.min_coverage)
     log.info("vocabulary alignment: %s", alignment)
     inputs = None
-    if scfg.alignment == "bytes":
-        length = 8 * math.ceil(scfg.length_ratio * config.data.max_seq_length / 8)
+    if cfg.alignment == "bytes":
+        length = 8 * math.ceil(cfg.length_ratio * max_seq_length / 8)
         inputs = SurrogateInputs(ByteAligner(tokenizer, source.tokenizer(), max_surrogate_tokens=length))
     return Guide(
         source,
         alignment,
-        k=scfg.k,
-        threshold=scfg.probability_threshold,
-        loss_type=config.training.loss_type,
+        k=cfg.k,
+        threshold=cfg.probability_threshold,
+        loss_type=loss_type,
         placeholder=placeholder_id(spec),
-        on_failure=scfg.on_failure,
+        on_failure=cfg.on_failure,
         inputs=inputs,
     )
 
