@@ -23,7 +23,7 @@ from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
 from surrogate_server.vocabulary import VocabularySpec
 
 # Wire dtype -> little-endian numpy dtype. BFLOAT16 has no numpy type: it travels as its
-# 16 raw bits and unpacks to float32 (exact) or to torch.bfloat16.
+# 16 raw bits and unpacks to float32 (exact).
 _NUMPY = {
     pb.UINT8: np.dtype("<u1"),
     pb.INT16: np.dtype("<i2"),

@@ -236,8 +236,6 @@ class ServingCore:
         self._last_arrival = -math.inf  # time.monotonic() when the newest RPC arrived
         self._permitted: OrderedDict[str, tuple[Tensor, int]] = OrderedDict()
         self._spec = engine.vocabulary() if engine.has_tokenizer else None
-        text_config = engine.model.config.get_text_config()
-        self._max_positions: int | None = getattr(text_config, "max_position_embeddings", None)
         self._info = self._build_info()
 
     @property
@@ -377,9 +375,9 @@ class ServingCore:
         if ids.size > limit:
             raise invalid(f"input_ids has B*T = {batch} x {length} = {ids.size} positions, over "
                           f"max_tokens_per_request = {limit}; split the batch into smaller requests")
-        if self._max_positions is not None and length > self._max_positions:
+        if self.engine.max_positions is not None and length > self.engine.max_positions:
             raise invalid(f"sequence length T = {length} exceeds the model's max_position_embeddings = "
-                          f"{self._max_positions}; send shorter sequences")
+                          f"{self.engine.max_positions}; send shorter sequences")
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= vocab:
             raise invalid(f"input_ids must lie in [0, {vocab}) (the surrogate vocabulary), got values in "

@@ -184,11 +184,8 @@ def _tensorcores_per_device(topology: TpuTopology) -> int:
 
 # -- the backend -----------------------------------------------------------------------
 class XlaBackend(Backend):
-    """torch_xla's device, collectives and step boundary behind ``Backend`` (whose autocast serves: bf16 only)."""
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """Always disabled (bf16/fp32 need no loss scaling): scale/unscale_/step/update never sync."""
-        return torch.amp.GradScaler("cpu", enabled=False)
+    """torch_xla's device, collectives and step boundary behind ``Backend``, whose autocast and grad scaler serve:
+    bf16 only (config rejects fp16 with --device tpu), so the scaler is off and scale/step/update never sync."""
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
