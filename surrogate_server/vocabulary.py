@@ -159,14 +159,8 @@ def _gpt2_byte_to_char() -> dict[int, str]:
     """GPT-2's byte -> unicode table: the 188 printable latin-1 bytes stand for themselves, the
     other 68 bytes, in byte order, for chr(256), chr(257), ... (so b" " -> "Ġ", b"\\n" -> "Ċ")."""
     printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-    table, shifted = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + shifted)
-            shifted += 1
-    return table
+    others = [byte for byte in range(256) if byte not in printable]
+    return {**{byte: chr(byte) for byte in printable}, **{byte: chr(256 + i) for i, byte in enumerate(others)}}
 
 
 _BYTE_TO_CHAR = _gpt2_byte_to_char()

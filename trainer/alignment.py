@@ -180,7 +180,7 @@ _UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 
 @dataclass(frozen=True)
 class AlignmentCounts:
-    """What a trainer logs about byte-aligned guidance; counts of several batches add up (``a + b``)."""
+    """What a trainer logs about byte-aligned guidance."""
 
     positions: int
     """Labelled base positions (labels != -100; every position when no labels are given)."""
@@ -188,11 +188,6 @@ class AlignmentCounts:
     """Of those, the ones a surrogate position guides (guide_index >= 0)."""
     truncated: int
     """Of those, the ones whose surrogate position lay past max_surrogate_tokens: unguided because S is too small."""
-
-    def __add__(self, other: AlignmentCounts) -> AlignmentCounts:
-        return AlignmentCounts(
-            self.positions + other.positions, self.guided + other.guided, self.truncated + other.truncated
-        )
 
     @property
     def guided_share(self) -> float:
@@ -295,7 +290,6 @@ class ByteAligner:
         base_raw, surrogate_raw = token_bytes(base), token_bytes(surrogate)
         self.max_surrogate_tokens = max_surrogate_tokens
         self._base_bytes = _ByteTable([raw or b"" for raw in base_raw])
-        self._base_lengths = self._base_bytes.lengths
         self._boundary = np.array([raw is None for raw in base_raw], dtype=bool)
         self._partner = np.full(len(base_raw), -1, dtype=np.int64)
         for b, s in _special_pairs(base, surrogate):
@@ -306,7 +300,6 @@ class ByteAligner:
         adds_space = self._base_bytes.join(np.array(probe, dtype=np.int64)) == b" x"
         self._own_space = np.array([adds_space and (raw or b"").startswith(b" ") for raw in base_raw], dtype=bool)
         self._surrogate_bytes = _ByteTable([_UNREADABLE if raw is None else raw for raw in surrogate_raw])
-        self._reading_lengths = self._surrogate_bytes.lengths
         ids = (surrogate_tokenizer.pad_token_id, surrogate_tokenizer.eos_token_id, 0)
         self._pad_id = next(i for i in ids if i is not None)
         backend = surrogate_tokenizer.backend_tokenizer
@@ -332,7 +325,7 @@ class ByteAligner:
         ids = self._checked(base_ids)
         batch, length = ids.shape
         flat = ids.ravel()
-        sizes = self._base_lengths[flat]
+        sizes = self._base_bytes.lengths[flat]
         ends = np.cumsum(sizes)  # flat byte offset where each base token ends
         boundary = self._boundary[flat]
         blob = self._base_bytes.join(flat)
@@ -453,7 +446,7 @@ class ByteAligner:
         segment; token_ids, token_at: the segments' tokens and their flat surrogate indices; segment_at
         [n]: flat surrogate index of each segment's first token.
         """
-        read = np.concatenate([[0], np.cumsum(self._reading_lengths[token_ids])])  # reading length before each token
+        read = np.concatenate([[0], np.cumsum(self._surrogate_bytes.lengths[token_ids])])  # reading before each token
         token_first = np.cumsum(counts) - counts
         read_before, read_after = read[token_first], read[token_first + counts]
         raw_lengths = np.array([len(raw) for raw in segments.raws], dtype=np.int64)
@@ -495,7 +488,7 @@ class ByteAligner:
             return []
         char_ends = np.cumsum([0, *(len(char.encode()) for char in segments.texts[i])])  # char -> byte offset
         token_ends = np.maximum.accumulate(char_ends[[end for _, end in encoding.offsets]])
-        read = np.cumsum(self._reading_lengths[ids])  # reading length after each token
+        read = np.cumsum(self._surrogate_bytes.lengths[ids])  # reading length after each token
         verified = []
         for t in range(int(segments.first[i]), int(segments.stop[i])):
             cut = int(ends[t]) - start
