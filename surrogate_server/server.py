@@ -234,7 +234,7 @@ class ServingCore:
         self._streams: set[asyncio.Task[None]] = set()  # stream readers, stopped when refusing
         self._calls: set[asyncio.Task[Any]] = set()  # Surrogate RPCs running (each whole call, sending included)
         self._last_arrival = -math.inf  # time.monotonic() when the newest RPC arrived
-        self._permitted: OrderedDict[str, tuple[Tensor, int]] = OrderedDict()
+        self._permitted: OrderedDict[str, Tensor] = OrderedDict()  # permitted id -> bool [len]
         self._spec = engine.vocabulary() if engine.has_tokenizer else None
         self._info = self._build_info()
 
@@ -337,7 +337,7 @@ class ServingCore:
         if count == 0:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "the permitted set is empty; permit at least one id")
         key = codec.permitted_id(request.mask)
-        self._permitted[key] = (torch.from_numpy(mask.astype(bool)), count)
+        self._permitted[key] = torch.from_numpy(mask.astype(bool))
         self._permitted.move_to_end(key)
         while len(self._permitted) > self.config.max_permitted_sets:
             self._permitted.popitem(last=False)
@@ -396,13 +396,12 @@ class ServingCore:
             raise invalid("logprob_floor is NaN; send a log-probability such as log(0.02), or leave it unset")
         permitted = None
         if request.permitted_id:
-            entry = self._permitted.get(request.permitted_id)
-            if entry is None:
+            permitted = self._permitted.get(request.permitted_id)
+            if permitted is None:
                 raise ServiceError(grpc.StatusCode.NOT_FOUND, f"permitted set {request.permitted_id!r} is not "
                                    "registered here (the server restarted or forgot it); call RegisterPermitted "
                                    "again and retry")
             self._permitted.move_to_end(request.permitted_id)
-            permitted = entry[0]
         return Job.make(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)),
                         request.k, request.permitted_id, permitted)
 

@@ -47,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import GPT2Config, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast  # noqa: E402
+from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast  # noqa: E402
 
 from trainer.config import DEVICES, TrainConfig, build_config  # noqa: E402
 
@@ -266,12 +266,6 @@ def surrogate_model_config(spec: AssetSpec, tokenizer: PreTrainedTokenizerFast) 
     )
 
 
-def save_model_dir(path: Path, tokenizer: PreTrainedTokenizerFast, config: PretrainedConfig) -> None:
-    """A directory that AutoConfig/AutoTokenizer (and init_from_scratch) load like a hub model."""
-    tokenizer.save_pretrained(path)
-    config.save_pretrained(path)
-
-
 def prepare_assets(workdir: Path, spec: AssetSpec) -> DemoAssets:
     """Corpus, tokenizers and model directories under ``workdir``, made once per ``spec``."""
     assets = DemoAssets(Path(workdir) / f"assets-{spec.key()}")
@@ -287,10 +281,13 @@ def prepare_assets(workdir: Path, spec: AssetSpec) -> DemoAssets:
     train_docs, valid_docs = split_documents(docs, spec.valid_every)
     write_jsonl(staging.train_file, train_docs)
     write_jsonl(staging.valid_file, valid_docs)
+    # Model directories that AutoConfig/AutoTokenizer (and init_from_scratch) load like hub models.
     base_tok = train_byte_level_bpe(train_docs, spec.base_vocab_size, spec.max_positions)
-    save_model_dir(staging.base_dir, base_tok, base_model_config(spec, base_tok))
+    base_tok.save_pretrained(staging.base_dir)
+    base_model_config(spec, base_tok).save_pretrained(staging.base_dir)
     surrogate_tok = train_sentencepiece_bpe(train_docs, spec.surrogate_vocab_size, spec.max_positions)
-    save_model_dir(staging.surrogate_init_dir, surrogate_tok, surrogate_model_config(spec, surrogate_tok))
+    surrogate_tok.save_pretrained(staging.surrogate_init_dir)
+    surrogate_model_config(spec, surrogate_tok).save_pretrained(staging.surrogate_init_dir)
     manifest = {
         "spec": dataclasses.asdict(spec),
         "python": platform.python_version(),
