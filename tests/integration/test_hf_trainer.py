@@ -1,0 +1,82 @@
+"""SDCETrainer (transformers.Trainer) against train.py: the same run, step by step."""
+
+import pytest
+from torch.utils.data import DistributedSampler
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+from trainer.data import build_lm_datasets
+from trainer.hf import SDCEConfig, SDCETrainer
+from trainer.losses import LOSS_TYPES
+from trainer.train import train
+
+pytestmark = pytest.mark.slow
+
+STEPS, BATCH, ACCUMULATION = 6, 2, 2
+
+
+def hf_run(config, surrogate_dir, output_dir, **overrides):
+    """SDCETrainer on train.py's blocks, in the order train.py's sampler draws them in its first epoch."""
+    training = config.training
+    tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
+    train_set, _ = build_lm_datasets(config.data, tokenizer, seed=training.seed)
+    order = list(DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=training.seed, drop_last=True))
+    assert len(order) >= STEPS * BATCH * ACCUMULATION, "the comparison must stay inside train.py's first epoch"
+    blocks = train_set.select(order).rename_column("labels", "shift_labels")  # train.py's labels are shifted already
+    args = SDCEConfig(
+        output_dir=str(output_dir), loss_type=training.loss_type, surrogate_model=str(surrogate_dir),
+        surrogate_k=config.surrogate.k, surrogate_probability_threshold=config.surrogate.probability_threshold,
+        max_steps=STEPS, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
+        learning_rate=training.learning_rate, lr_scheduler_type="cosine", warmup_steps=training.warmup_steps,
+        weight_decay=training.weight_decay, optim="adamw_torch", max_grad_norm=training.max_grad_norm,
+        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, seed=training.seed, disable_tqdm=True, **overrides,
+    )
+    model = AutoModelForCausalLM.from_pretrained(config.model.name_or_path)
+    trainer = SDCETrainer(model=model, args=args, train_dataset=blocks, processing_class=tokenizer)
+    trainer.train()
+    return trainer, [h for h in trainer.state.log_history if "ce" in h]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_sdce_trainer_reproduces_train_py_step_by_step(make_config, surrogate_dir, tmp_path, loss_type):
+    config = make_config({"training": {"loss_type": loss_type, "max_steps": STEPS, "per_device_train_batch_size": BATCH,
+                                       "gradient_accumulation_steps": ACCUMULATION}}, tmp_path / "train_py")
+    reference = train(config).history
+    _, logs = hf_run(config, surrogate_dir, tmp_path / "hf")
+    assert [h["step"] for h in logs] == [h["step"] for h in reference] == list(range(1, STEPS + 1))
+    for got, want in zip(logs, reference):
+        for key in ("loss", "ce", "surrogate_term", "lambda", "grad_norm", "guided_share"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (loss_type, got["step"], key)
+    if loss_type != "standard":
+        assert all(h["guided_share"] > 0 for h in logs) and any(h["surrogate_term"] > 0 for h in logs)
+
+
+def test_logits_path_and_eval(make_config, surrogate_dir, tmp_path):
+    """Without the fused loss the same steps; evaluation is plain CE over the eval blocks' labels."""
+    config = make_config({"training": {"max_steps": STEPS, "per_device_train_batch_size": BATCH,
+                                       "gradient_accumulation_steps": ACCUMULATION}}, tmp_path / "train_py")
+    fused_trainer, fused = hf_run(config, surrogate_dir, tmp_path / "fused")
+    assert fused_trainer.hidden is not None  # GPT-2's head: the fused path was taken
+    trainer, logits = hf_run(config, surrogate_dir, tmp_path / "logits", fused_loss=False)
+    assert trainer.hidden is None
+    for a, b in zip(fused, logits, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    tokenizer = trainer.processing_class
+    _, eval_set = build_lm_datasets(config.data, tokenizer, seed=config.training.seed)
+    metrics = trainer.evaluate(eval_set.rename_column("labels", "shift_labels"))
+    assert 0 < metrics["eval_loss"] < 20
+
+
+def test_config_reads_train_py_flag_names(surrogate_dir, tmp_path):
+    parser = HfArgumentParser(SDCEConfig)
+    (args,) = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--surrogate_model", str(surrogate_dir), "--loss_type", "kl",
+        "--surrogate_k", "12", "--surrogate_alignment", "tokens", "--no_fused_loss", "--report_to", "none",
+    ])
+    cfg = args.surrogate_config()
+    assert (args.loss_type, args.fused_loss, cfg.k, cfg.alignment) == ("kl", False, 12, "tokens")
+    with pytest.raises(ValueError, match="surrogate.k"):
+        SDCEConfig(output_dir=str(tmp_path), surrogate_k=0, report_to="none")
+    with pytest.raises(ValueError, match="needs a surrogate"):
+        SDCETrainer(model=None, args=SDCEConfig(output_dir=str(tmp_path), report_to="none"),
+                    processing_class=AutoTokenizer.from_pretrained(surrogate_dir), train_dataset=[{"input_ids": [1]}])
