@@ -20,7 +20,6 @@ torch, loading the model) it exits 0 at once.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -87,13 +86,9 @@ def sections() -> dict[str, type]:
     return {"launch": LaunchConfig, "server": ServerConfig, "batcher": BatcherConfig}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return config_cli.build_parser(sections(), prog="sdce-surrogate-server", description=__doc__.split("\n\n")[0])
-
-
 def parse_args(argv: Sequence[str] | None = None) -> tuple[LaunchConfig, ServerConfig]:
     """The launch settings and the server's config (its token read, its batcher set) from the command line."""
-    parser = build_parser()
+    parser = config_cli.build_parser(sections(), prog="sdce-surrogate-server", description=__doc__.split("\n\n")[0])
     overrides, _ = config_cli.parse_overrides(parser, argv)
     try:
         built = config_cli.build_sections(sections(), overrides)

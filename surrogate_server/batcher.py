@@ -123,11 +123,6 @@ class DynamicBatcher:
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdce-forward")
 
-    @property
-    def depth(self) -> int:
-        """Jobs waiting for a forward (not counting the one running)."""
-        return len(self._pending)
-
     async def submit(self, job: Job) -> Result:
         """Queue ``job`` and wait for its result; raises QueueFull, Closed or the forward's error."""
         if self._closing:

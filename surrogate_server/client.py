@@ -162,7 +162,6 @@ class RemoteSurrogate:
         self._endpoints = [self._open(address, credentials) for address in endpoints]
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # an endpoint came up or went down, or close()
-        # The trainer passes the same permitted tensor with every request: pack and hash it once.
         self._packed_permitted: tuple[torch.Tensor, pb.Tensor, str] | None = None
         self._turn = itertools.count()
         self._window = _Window()
@@ -330,20 +329,15 @@ class RemoteSurrogate:
             ep.registered.add(permitted_id)
 
     def _packed(self, permitted: torch.Tensor | None, vocab_size: int) -> tuple[pb.Tensor | None, str]:
-        """``_permitted`` of the last permitted tensor seen, reused while the caller passes that same tensor."""
-        cached = self._packed_permitted
-        if permitted is not None and cached is not None and cached[0] is permitted:
-            return cached[1], cached[2]
-        mask, permitted_id = self._permitted(permitted, vocab_size)
-        if permitted is not None:
-            self._packed_permitted = (permitted, mask, permitted_id)
-        return mask, permitted_id
+        """The packed [vocab_size] UINT8 mask and its content-addressed id (sha256 hex); (None, "") for no mask.
 
-    @staticmethod
-    def _permitted(permitted: torch.Tensor | None, vocab_size: int) -> tuple[pb.Tensor | None, str]:
-        """The packed [vocab_size] UINT8 mask and its content-addressed id (sha256 hex); (None, "") for no mask."""
+        Reused while the caller passes the same tensor (the trainer does, with every request).
+        """
         if permitted is None:
             return None, ""
+        cached = self._packed_permitted
+        if cached is not None and cached[0] is permitted:
+            return cached[1], cached[2]
         if permitted.dim() != 1 or permitted.shape[0] > vocab_size:
             raise ValueError(
                 f"permitted must be 1-D with at most {vocab_size} entries (the server's vocab_size), "
@@ -352,7 +346,9 @@ class RemoteSurrogate:
         full = torch.zeros(vocab_size, dtype=torch.uint8)
         full[: permitted.shape[0]] = permitted.to(torch.uint8)
         mask = codec.pack(full, pb.UINT8)
-        return mask, codec.permitted_id(mask)
+        permitted_id = codec.permitted_id(mask)
+        self._packed_permitted = (permitted, mask, permitted_id)
+        return mask, permitted_id
 
     @staticmethod
     def _row_chunks(shape: torch.Size, max_tokens: int) -> list[tuple[int, int]]:

@@ -266,10 +266,7 @@ class SurrogateEngine:
         return full
 
     def _validate(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> None:
-        """Raise ValueError naming the first problem with the arguments of :meth:`topk`.
-
-        On a lazy device only the checks that need no device read run.
-        """
+        """Raise ValueError naming the first problem with the arguments of :meth:`topk` (lazy: static checks only)."""
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         if input_ids.dim() != 2:
