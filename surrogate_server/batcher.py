@@ -176,7 +176,8 @@ class DynamicBatcher:
             key = self._bucket(oldest)
             same = [job for job in self._pending if self._bucket(job) == key and not job.future.done()]
             remaining = oldest.enqueued + self.config.max_wait_ms / 1000 - time.perf_counter()
-            if self._closing or remaining <= 0 or self._tokens(same) >= self.config.max_batch_tokens:
+            tokens = sum(job.rows * self._padded_length(job) for job in same)
+            if self._closing or remaining <= 0 or tokens >= self.config.max_batch_tokens:
                 return self._take(self._fill(same))
             await self._wait(remaining)
 
@@ -247,9 +248,6 @@ class DynamicBatcher:
     def _padded_length(self, job: Job) -> int:
         step = self.config.length_bucket
         return -(-job.length // step) * step
-
-    def _tokens(self, jobs: list[Job]) -> int:
-        return sum(job.rows * self._padded_length(job) for job in jobs)
 
     def _changed(self) -> None:
         self._wakeup.set()
