@@ -233,7 +233,10 @@ class SurrogateEngine:
         attention_mask = attention_mask.to(self.device, torch.long)
         hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
         hidden = hidden.reshape(batch * length, -1)  # [N, H]
-        forbidden = None if permitted is None else ~self._full_permitted(permitted)  # [V]
+        forbidden = None  # [V] bool: not permitted, which every id past len(permitted) is
+        if permitted is not None:
+            forbidden = torch.ones(self.vocab_size, dtype=torch.bool, device=self.device)
+            forbidden[: permitted.shape[0]] = ~permitted.to(self.device)
         k_eff = min(k, self.vocab_size)
         blocks = [self._block_topk(hidden[i:i + self.chunk_tokens], forbidden, k_eff)
                   for i in range(0, hidden.shape[0], self.chunk_tokens)]
@@ -258,12 +261,6 @@ class SurrogateEngine:
         if self._softcap is not None:
             logits.div_(self._softcap).tanh_().mul_(self._softcap)
         return logits
-
-    def _full_permitted(self, permitted: Tensor) -> Tensor:
-        """Bool [len] -> bool [vocab_size] on the engine's device, False past ``len``."""
-        full = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-        full[: permitted.shape[0]] = permitted.to(self.device)
-        return full
 
     def _validate(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> None:
         """Raise ValueError naming the first problem with the arguments of :meth:`topk` (lazy: static checks only)."""
