@@ -170,6 +170,9 @@ class Trainer:
             num_workers=self.backend.dataloader_workers(self.config.data.num_workers),
             pin_memory=self.backend.kind == "cuda",
             collate_fn=collate_fn,
+            # Its own generator: starting an iterator then draws nothing from the global RNG, which after a
+            # resume holds the checkpoint's state and must give the same dropout masks as the first run's.
+            generator=torch.Generator().manual_seed(self.config.training.seed),
         )
 
     def _train_loader(self, epoch: int) -> DataLoader:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.checkpoint import checkpoints
 from trainer.tracking import read_metrics
@@ -70,6 +71,25 @@ def test_resume_continues_exactly(make_config, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
     assert resumed.eval_loss == pytest.approx(full.eval_loss, rel=1e-6)
     assert [p.name for p in checkpoints(tmp_path / "full")] == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_resume_with_dropout_is_bit_identical(make_config, tmp_path):
+    """Dropout on (GPT-2's default 0.1): the steps after a resume draw the same masks as the uninterrupted run's."""
+    base = tmp_path / "dropout-base"
+    model = AutoModelForCausalLM.from_pretrained(make_config().model.name_or_path)
+    model.config.update({"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1})
+    model.save_pretrained(base)
+    AutoTokenizer.from_pretrained(make_config().model.name_or_path).save_pretrained(base)
+    overrides = {"model": {"name_or_path": str(base)},
+                 "training": {"loss_type": "surrogate", "max_steps": 6, "save_steps": 3, "save_total_limit": None}}
+    full = train(make_config(overrides, tmp_path / "full"))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    resumed = train(make_config({**overrides, "training": {**overrides["training"], "resume_from_checkpoint": "latest"}},
+                                resumed_dir))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[3:]]
+    assert resumed.eval_loss == full.eval_loss
 
 
 def test_resumed_run_continues_the_same_wandb_run(make_config, tmp_path, monkeypatch):
