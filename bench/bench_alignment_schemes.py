@@ -89,7 +89,7 @@ def main() -> None:
     workdir = args.workdir.resolve()
     assets = demo.prepare_assets(workdir, spec)
     configs = demo.demo_configs(assets, profile, workdir)
-    demo._trained_surrogate(configs["surrogate"])
+    demo.trained_surrogate(configs["surrogate"])
     surrogate_dir = Path(configs["surrogate"].training.output_dir)
     ratio = configs["sdce"].surrogate.length_ratio
     predicted = next_token_logprobs(configs["sdce"], surrogate_dir, ratio)

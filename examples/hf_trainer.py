@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import load_dataset
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainer import demo  # noqa: E402
@@ -81,6 +81,7 @@ def main() -> None:
     script, args = HfArgumentParser((ScriptArguments, SDCEConfig)).parse_args_into_dataclasses()
     if not (script.base_model and script.train_file):
         demo_defaults(script, args)
+    set_seed(args.seed)  # before the model: a model made from its config draws its initial weights
     tokenizer = AutoTokenizer.from_pretrained(script.base_model)
     if script.init_from_scratch:
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(script.base_model))
@@ -94,6 +95,7 @@ def main() -> None:
     trainer.train()
     metrics = trainer.evaluate() if "validation" in blocks else {}
     trainer.save_model()
+    trainer.save_state()  # trainer_state.json: the log history
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
 

@@ -562,6 +562,27 @@ def _repair_utf8(
     return texts
 
 
+def byte_aligned_inputs(
+    base_ids: torch.Tensor,
+    base_tokenizer: PreTrainedTokenizerBase,
+    surrogate_tokenizer: PreTrainedTokenizerBase,
+    max_surrogate_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(surrogate_ids [B, S] long, surrogate_mask [B, S] long, guide_index [B, T] long) for base_ids [B, T].
+
+    The functional form of `ByteAligner` (see there for the rules), S = max_surrogate_tokens. Its
+    tables are built on the first call for a tokenizer pair and S and kept (a few, by identity).
+    """
+    return _aligner(base_tokenizer, surrogate_tokenizer, max_surrogate_tokens)(base_ids)
+
+
+@functools.lru_cache(maxsize=4)
+def _aligner(
+    base_tokenizer: PreTrainedTokenizerBase, surrogate_tokenizer: PreTrainedTokenizerBase, max_surrogate_tokens: int
+) -> ByteAligner:
+    return ByteAligner(base_tokenizer, surrogate_tokenizer, max_surrogate_tokens)
+
+
 def _text_encoder(state: str, *, normalize: bool) -> Tokenizer:
     """A tokenizers backend from its JSON state that reads special-token strings as text and never truncates
     or pads; without post-processor (with add_special_tokens=False it adds no ids, it only trims offsets)."""

@@ -419,7 +419,7 @@ def _run(name: str, config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _trained_surrogate(config: TrainConfig) -> dict[str, Any]:
+def trained_surrogate(config: TrainConfig) -> dict[str, Any]:
     """Train the surrogate unless this exact run already finished (its summary is the marker)."""
     summary = Path(config.training.output_dir) / "demo_run.json"
     if summary.is_file():
@@ -463,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     start = time.perf_counter()
     assets = prepare_assets(workdir, spec)
     configs = demo_configs(assets, profile, workdir, args.device)
-    results = {"surrogate": _trained_surrogate(configs["surrogate"])}
+    results = {"surrogate": trained_surrogate(configs["surrogate"])}
     for name in ("sdce", "standard"):
         results[name] = _run(name, configs[name])
     table = results_table(results)

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from surrogate_server.vocabulary import token_bytes, vocabulary_spec
 from tests.tokenizer_factory import corpus, local_tokenizers
-from trainer.alignment import AlignmentCounts, ByteAligner, align_vocabularies
+from trainer.alignment import AlignmentCounts, ByteAligner, align_vocabularies, byte_aligned_inputs
 from trainer.demo import stdlib_docstrings
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -480,6 +480,14 @@ def test_arbitrary_ids_never_break_the_contract(toks):
     base, surrogate = toks["byte_level"], toks["sentencepiece"]
     blocks = torch.randint(0, len(base), (6, 40), generator=torch.Generator().manual_seed(0))
     assert_agrees(ByteAligner(base, surrogate, max_surrogate_tokens=80), Reference(base, surrogate), blocks)
+
+
+def test_functional_form_matches_the_object(toks, english):
+    base, surrogate = toks["sentencepiece"], toks["byte_level"]
+    blocks = pack(base, english[:10], 32)[:3]
+    expected = ByteAligner(base, surrogate, 48)(blocks)
+    for got, want in zip(byte_aligned_inputs(blocks, base, surrogate, 48), expected):
+        assert torch.equal(got, want)
 
 
 def test_aligner_pickles_for_dataloader_workers(toks, english):
