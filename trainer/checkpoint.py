@@ -141,17 +141,11 @@ def save_checkpoint(
         _fsync(root)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)  # out of sight already; what is left, the next save sweeps
-        _prune(root, save_total_limit)
+        for old in checkpoints(root)[:-save_total_limit] if save_total_limit is not None else []:
+            remove_checkpoint(old)
         log.info("saved %s", final)
     backend.barrier()
     return final
-
-
-def _prune(root: Path, keep: int | None) -> None:
-    if keep is None:
-        return
-    for old in checkpoints(root)[:-keep]:
-        remove_checkpoint(old)
 
 
 def remove_checkpoint(path: Path) -> None:
