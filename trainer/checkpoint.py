@@ -1,25 +1,32 @@
-"""Step-numbered checkpoints, written atomically.
+"""Step-numbered checkpoints, committed by a marker written last (safe on object storage).
 
 Layout of ``output_dir/checkpoint-{step}/``: the model and tokenizer in Hugging
 Face format (``save_pretrained``, safetensors), ``config.yaml`` (the resolved run
-config), ``training_state.pt`` (optimizer, LR scheduler, grad scaler, progress)
-and ``rng_state_{rank}.pt`` (each rank's random generators). Everything is first
-written to ``.checkpoint-{step}.tmp``, flushed to disk (every file and the directory
-fsynced) and then renamed, so a crash or a power cut never leaves a half-written
-directory under a name that ``checkpoints()`` accepts. A checkpoint is removed (pruned,
-or replaced by a new save of its step) by renaming it aside to ``.checkpoint-{step}.old``
-first: it disappears at once, whole, and only then is deleted; leftovers of a crash are
-swept by the next save. The output directory is assumed to be shared by all ranks of a
-multi-node run.
+config), ``rng_state_{rank}.pt`` (each rank's random generators), then
+``training_state.pt`` (optimizer, LR scheduler, grad scaler, progress) and last
+``checkpoint.json``, the manifest (every file and its size): the commit. Each file
+is flushed to disk before the next is written, and the two last ones appear whole
+(written under a temporary name, then ``os.replace``: a file rename, which Cloud
+Storage FUSE and other object-store mounts support; directory renames they refuse
+or do not make atomic, and none is used). ``checkpoints()`` lists only committed
+directories, so a crash or a power cut never leaves a half-written checkpoint for
+``latest`` to pick: what it leaves is swept by the next save. A checkpoint is removed
+(pruned, or replaced by a new save of its step) by deleting its manifest and
+training state first: it stops being a checkpoint at once, then its files go.
+Directories of earlier releases (``training_state.pt``, no manifest: they were
+committed by a directory rename) still count. The output directory is assumed to be
+shared by all ranks of a multi-node run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.pt"
+MANIFEST = "checkpoint.json"  # written last: its presence commits the checkpoint
 
 
 @dataclass
@@ -52,12 +60,19 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()
-    ]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and is_committed(p)]
     return [p for _, p in sorted(found)]
+
+
+def is_committed(path: Path) -> bool:
+    """Whether ``path`` is a whole checkpoint: its manifest is there (or, from earlier releases, its training state)."""
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        try:
+            return isinstance(json.loads(manifest.read_text()).get("files"), dict)
+        except (ValueError, AttributeError):
+            return False
+    return (path / STATE_FILE).is_file()
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -75,9 +90,10 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
             log.warning("resume_from_checkpoint=latest but %s holds no checkpoint: starting afresh", output_dir)
         return path
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
+    if not is_committed(path):
         raise ValueError(
-            f"{resume!r} is not a complete checkpoint (no {STATE_FILE}); pass a checkpoint-N directory or 'latest'"
+            f"{resume!r} is not a complete checkpoint (no {MANIFEST} or {STATE_FILE}); pass a checkpoint-N "
+            "directory or 'latest'"
         )
     return path
 
@@ -110,37 +126,33 @@ def save_checkpoint(
     backend: Backend,
     save_total_limit: int | None,
 ) -> Path:
-    """Write ``checkpoint-{step}`` atomically (all ranks call this) and prune old ones."""
+    """Write and commit ``checkpoint-{step}`` (all ranks call this), then prune old ones."""
     root = Path(output_dir)
     final = root / f"checkpoint-{progress.step}"
-    tmp = root / f".checkpoint-{progress.step}.tmp"
     if backend.is_main:
         _sweep(root)
-        tmp.mkdir(parents=True)
+        if final.exists():  # a new save of a step already saved replaces it
+            remove_checkpoint(final)
+        final.mkdir(parents=True)
     backend.barrier()
-    torch.save(_rng_state(), tmp / f"rng_state_{backend.rank}.pt")
-    _fsync(tmp / f"rng_state_{backend.rank}.pt")
+    torch.save(_rng_state(), final / f"rng_state_{backend.rank}.pt")
+    _fsync(final / f"rng_state_{backend.rank}.pt")
+    backend.barrier()  # every rank's generators are on disk before the training state says "complete"
     if backend.is_main:
-        model.save_pretrained(tmp, state_dict=backend.host_state_dict(model))
-        tokenizer.save_pretrained(tmp)
-        (tmp / "config.yaml").write_text(config_yaml)
+        model.save_pretrained(final, state_dict=backend.host_state_dict(model))
+        tokenizer.save_pretrained(final)
+        (final / "config.yaml").write_text(config_yaml)
+        _fsync_tree(final)
         state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "progress": asdict(progress),
         }
-        backend.save(state, tmp / STATE_FILE)
-    backend.barrier()
-    if backend.is_main:
-        _fsync_tree(tmp)
-        aside = _aside(final) if final.exists() else None  # a new save of an existing step replaces it
-        if aside is not None:
-            os.rename(final, aside)
-        os.rename(tmp, final)
-        _fsync(root)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)  # out of sight already; what is left, the next save sweeps
+        _write_whole(final / STATE_FILE, lambda tmp: backend.save(state, tmp))
+        files = {str(p.relative_to(final)): p.stat().st_size for p in sorted(final.rglob("*")) if p.is_file()}
+        manifest = json.dumps({"step": progress.step, "files": files}, indent=1)
+        _write_whole(final / MANIFEST, lambda tmp: tmp.write_text(manifest))  # the commit
         for old in checkpoints(root)[:-save_total_limit] if save_total_limit is not None else []:
             remove_checkpoint(old)
         log.info("saved %s", final)
@@ -149,24 +161,30 @@ def save_checkpoint(
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint so that no crash can leave part of it under its name: rename it aside, then delete."""
-    aside = _aside(path)
-    os.rename(path, aside)
+    """Delete a checkpoint so that no crash can leave part of it looking whole: uncommit it first, then delete."""
+    for marker in (MANIFEST, STATE_FILE):
+        (path / marker).unlink(missing_ok=True)
+    _fsync(path)
+    shutil.rmtree(path, ignore_errors=True)  # no longer a checkpoint; what a crash leaves, the next save sweeps
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` the file under a temporary name, flush it, and give it its name in one step (a file rename)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    write(tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
     _fsync(path.parent)
-    shutil.rmtree(aside, ignore_errors=True)  # out of sight already; what is left, the next save sweeps
-
-
-def _aside(path: Path) -> Path:
-    """A name for ``path`` that ``checkpoints()`` ignores (and the next save sweeps), free to rename to."""
-    aside = path.with_name(f".{path.name}.old")
-    shutil.rmtree(aside, ignore_errors=True)  # a crash's leftover
-    return aside
 
 
 def _sweep(root: Path) -> None:
-    """Remove what crashes left: unfinished saves (``.checkpoint-N.tmp``), unfinished removals (``.old``)."""
-    for leftover in root.glob(".checkpoint-*"):
-        if leftover.suffix in (".tmp", ".old") and leftover.is_dir():
+    """Remove what crashes left: uncommitted ``checkpoint-N`` directories (and earlier releases' ``.tmp``/``.old``)."""
+    if not root.is_dir():
+        return
+    for leftover in root.iterdir():
+        partial = _NAME.match(leftover.name) and not is_committed(leftover)
+        legacy = leftover.name.startswith(".checkpoint-") and leftover.suffix in (".tmp", ".old")
+        if (partial or legacy) and leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -201,6 +219,7 @@ def load_checkpoint(
     checkpoint directory itself (``from_pretrained``), which handles shards and
     tied weights.
     """
+    _check_manifest(path)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -211,3 +230,15 @@ def load_checkpoint(
     else:
         log.warning("%s has no RNG state for rank %d: dropout will differ from the original run", path, backend.rank)
     return Progress(**state["progress"])
+
+
+def _check_manifest(path: Path) -> None:
+    """Raise ValueError if a file of the checkpoint is missing or not the size its manifest says (a torn upload)."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return  # a checkpoint of an earlier release
+    damaged = [name for name, size in json.loads(manifest.read_text())["files"].items()
+               if not (path / name).is_file() or (path / name).stat().st_size != size]
+    if damaged:
+        raise ValueError(f"{path} is damaged ({', '.join(damaged)} missing or of the wrong size): resume from an "
+                         "earlier checkpoint (pass its directory), or delete this one to make 'latest' skip it")

@@ -1,6 +1,8 @@
-"""Checkpoints: atomic step directories, pruning, 'latest', and what a crash leaves behind."""
+"""Checkpoints: committed step directories, pruning, 'latest', and what a crash leaves behind."""
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -8,7 +10,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from trainer.checkpoint import Progress, checkpoints, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from trainer.checkpoint import (MANIFEST, STATE_FILE, Progress, checkpoints, latest_checkpoint, load_checkpoint,
+                                resolve_resume, save_checkpoint)
 from trainer.device import Backend
 
 
@@ -141,8 +144,10 @@ def test_a_kill_at_any_point_of_a_save_leaves_only_loadable_checkpoints(tmp_path
 
 def test_the_next_save_sweeps_what_a_crash_left(tmp_path, parts):
     _save(tmp_path, parts, 2)
-    (tmp_path / ".checkpoint-4.tmp").mkdir()  # killed while writing step 4
-    shutil.copytree(tmp_path / "checkpoint-2", tmp_path / ".checkpoint-1.old")  # killed while removing step 1
+    (tmp_path / ".checkpoint-4.tmp").mkdir()  # an earlier release, killed while writing step 4
+    shutil.copytree(tmp_path / "checkpoint-2", tmp_path / ".checkpoint-1.old")  # ... while removing step 1
+    (tmp_path / "checkpoint-5").mkdir()  # this release, killed while writing step 5
+    (tmp_path / "checkpoint-5" / "config.json").write_text("{}")
     _save(tmp_path, parts, 6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6"]
 
@@ -150,23 +155,71 @@ def test_the_next_save_sweeps_what_a_crash_left(tmp_path, parts):
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fsynced paths from /proc/self/fd")
 def test_every_file_is_on_disk_before_the_checkpoint_is_committed(tmp_path, parts, monkeypatch):
     flushed: list[str] = []
-    commits: list[tuple[str, set[str]]] = []
-    fsync, rename = os.fsync, os.rename
+    replaced: list[tuple[str, set[str]]] = []
+    fsync, replace = os.fsync, os.replace
 
     def record_fsync(fd):
         flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
         return fsync(fd)
 
-    def record_rename(src, dst):
-        commits.append((str(dst), set(flushed)))
-        return rename(src, dst)
+    def record_replace(src, dst):
+        replaced.append((str(dst), set(flushed)))
+        return replace(src, dst)
 
     monkeypatch.setattr(os, "fsync", record_fsync)
-    monkeypatch.setattr(os, "rename", record_rename)
+    monkeypatch.setattr(os, "replace", record_replace)
     final = _save(tmp_path, parts, 3)
     monkeypatch.undo()
-    (dst, flushed_before), = commits
-    assert dst == str(final)
-    written = {str(p).replace(str(final), str(tmp_path / ".checkpoint-3.tmp")) for p in final.rglob("*")}
-    assert written | {str(tmp_path / ".checkpoint-3.tmp")} <= flushed_before  # files and their directory
-    assert flushed[-1] == str(tmp_path)  # the rename itself, flushed in the parent directory
+    assert [Path(dst).name for dst, _ in replaced] == [STATE_FILE, MANIFEST]  # the manifest commits, last
+    # A file flushed under its temporary name (.training_state.pt.partial) is the file it is renamed to.
+    flushed_before_commit = {re.sub(r"/\.([^/]+)\.partial$", r"/\1", path) for path in replaced[-1][1]}
+    files = {str(p) for p in final.rglob("*") if p.name != MANIFEST}
+    assert files | {str(final)} <= flushed_before_commit  # every file, and the directory's entries
+    assert flushed[-1] == str(final)  # the manifest's rename itself, flushed in the directory
+
+
+def test_no_directory_is_ever_renamed(tmp_path, parts, monkeypatch):
+    """Object-store mounts (Cloud Storage FUSE) refuse or tear directory renames: save, replace, prune and resume
+    without one."""
+    for name in ("rename", "replace"):
+        original = getattr(os, name)
+
+        def files_only(src, dst, _original=original):
+            if Path(src).is_dir():
+                raise OSError(95, "Operation not supported: directory rename", str(src))
+            return _original(src, dst)
+
+        monkeypatch.setattr(os, name, files_only)
+    for step in (2, 4, 4, 6):  # 4 twice: a new save of a saved step replaces it
+        _save(tmp_path, parts, step, keep=2)
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    path = resolve_resume("latest", tmp_path)
+    progress = load_checkpoint(path, optimizer=parts["optimizer"], scheduler=parts["scheduler"],
+                               scaler=parts["scaler"], backend=parts["backend"])
+    assert progress.step == 6 and json.loads((path / MANIFEST).read_text())["step"] == 6
+
+
+def test_a_crash_while_writing_leaves_nothing_committed(tmp_path, parts, monkeypatch):
+    _save(tmp_path, parts, 2)
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(parts["backend"], "save", killed)  # dies writing the training state of step 4
+        with pytest.raises(_Killed):
+            _save(tmp_path, parts, 4)
+    assert (tmp_path / "checkpoint-4" / "model.safetensors").is_file()  # written, but not committed
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2"]
+    _save(tmp_path, parts, 6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6"]  # swept
+
+
+def test_a_torn_file_is_named_at_load(tmp_path, parts):
+    path = _save(tmp_path, parts, 2)
+    with open(path / "model.safetensors", "r+b") as weights:
+        weights.truncate(100)
+    with pytest.raises(ValueError, match=r"damaged \(model.safetensors"):
+        load_checkpoint(path, optimizer=parts["optimizer"], scheduler=parts["scheduler"], scaler=parts["scaler"],
+                        backend=parts["backend"])
