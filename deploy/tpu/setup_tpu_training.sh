@@ -19,11 +19,14 @@ export TPU_NAME="${TPU_NAME:-tinyllama-v4-32}"
 export ZONE="${ZONE:-us-central2-b}"
 export ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"
 export RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
-export WANDB_API_KEY="${WANDB_API_KEY:-your-wandb-key}"
+export WANDB_API_KEY="${WANDB_API_KEY:-}"             # copied to the workers in a 0600 file, never on a command line
 export BUCKET="${BUCKET:-gs://${PROJECT_ID}-sdce}"
 export TORCH_VERSION="${TORCH_VERSION:-2.9.0}"        # torch and torch_xla must match; the XLA lane tests 2.9.0
 export NUM_HOSTS="${NUM_HOSTS:-4}"                    # v4-32: 4 hosts
-export CHIPS_PER_HOST="${CHIPS_PER_HOST:-8}"          # --tpu_cores as in the README
+export TENSORCORES_PER_HOST="${TENSORCORES_PER_HOST:-8}"  # --tpu_cores as in the README: a v4 host's 4 chips x 2
+export TENSORCORES_PER_DEVICE="${TENSORCORES_PER_DEVICE:-2}" # v4 (megacore): one XLA device is a chip's 2 TensorCores
+export GLOBAL_BATCH="${GLOBAL_BATCH:-1024}"           # sequences per optimizer step, over the whole slice
+export PER_DEVICE_BATCH="${PER_DEVICE_BATCH:-4}"
 export CONFIG_FILE="${CONFIG_FILE:-config_tinyllama_tpuv4.yaml}"
 # SlimPajama-627B is terabytes: the run reads the 6B-token sample unless you point it elsewhere.
 export DATASET="${DATASET:-DKYoon/SlimPajama-6B}"
@@ -38,7 +41,12 @@ tpu_ssh() {  # tpu_ssh WORKER COMMAND
 }
 
 write_config() {
-  local path="$CONFIG_FILE"
+  local path="$CONFIG_FILE" devices=$((TENSORCORES_PER_HOST / TENSORCORES_PER_DEVICE * NUM_HOSTS))
+  local accumulation=$((GLOBAL_BATCH / (PER_DEVICE_BATCH * devices)))
+  if ((PER_DEVICE_BATCH * devices * accumulation != GLOBAL_BATCH)); then
+    echo "GLOBAL_BATCH=${GLOBAL_BATCH} is not a multiple of PER_DEVICE_BATCH=${PER_DEVICE_BATCH} x ${devices} devices" >&2
+    return 1
+  fi
   [[ "$path" = /* ]] || path="$REPO_ROOT/$path"
   cat >"$path" <<YAML
 model:
@@ -58,11 +66,11 @@ data:
   num_workers: 2
 training:
   device: tpu
-  tpu_cores: ${CHIPS_PER_HOST}
+  tpu_cores: ${TENSORCORES_PER_HOST}       # ${NUM_HOSTS} hosts x $((TENSORCORES_PER_HOST / TENSORCORES_PER_DEVICE)) devices = ${devices} data-parallel ranks
   tpu_num_hosts: ${NUM_HOSTS}
   num_epochs: 1
-  per_device_train_batch_size: 4          # x 32 devices x 8 accumulation = 1024 sequences per step
-  gradient_accumulation_steps: 8
+  per_device_train_batch_size: ${PER_DEVICE_BATCH}          # x ${devices} devices x ${accumulation} accumulation = ${GLOBAL_BATCH} sequences per step
+  gradient_accumulation_steps: ${accumulation}
   learning_rate: 3e-4
   warmup_steps: 500
   weight_decay: 0.1
@@ -108,19 +116,29 @@ copy_code() {
   tpu_ssh all "mkdir -p ~/${REMOTE_DIR} && tar -C ~/${REMOTE_DIR} -xzf ~/sdce.tar.gz && pip install -q -e ~/${REMOTE_DIR}[wandb,tpu]"
 }
 
+copy_secrets() {  # the W&B key as a 0600 file on every worker: a command line is visible to every local user (ps)
+  [ -n "$WANDB_API_KEY" ] || { echo "WANDB_API_KEY is not set: W&B will log offline on the workers"; return 0; }
+  local dir
+  dir="$(mktemp -d)"
+  (umask 077 && printf 'export WANDB_API_KEY=%q\n' "$WANDB_API_KEY" >"$dir/sdce_secrets")
+  gcloud compute tpus tpu-vm scp "$dir/sdce_secrets" "$TPU_NAME:~/.sdce_secrets" --zone="$ZONE" --project="$PROJECT_ID" --worker=all
+  rm -rf "$dir"
+  tpu_ssh all "chmod 600 ~/.sdce_secrets"
+}
+
 launch() {
   for ((i = 0; i < NUM_HOSTS; i++)); do
-    tpu_ssh "$i" "cd ~/${REMOTE_DIR} && export PJRT_DEVICE=TPU TPU_PROCESS_COUNT=${NUM_HOSTS} TPU_PROCESS_ID=$i \
-      WANDB_API_KEY=${WANDB_API_KEY} && nohup python train.py --config ${CONFIG_FILE} \
-      --resume_from_checkpoint latest > ~/train.log 2>&1 &" &
+    tpu_ssh "$i" "cd ~/${REMOTE_DIR} && { [ -f ~/.sdce_secrets ] && . ~/.sdce_secrets || export WANDB_MODE=offline; } \
+      && export PJRT_DEVICE=TPU TPU_PROCESS_COUNT=${NUM_HOSTS} TPU_PROCESS_ID=$i \
+      && nohup python train.py --config ${CONFIG_FILE} --resume_from_checkpoint latest > ~/train.log 2>&1 &" &
   done
   wait
   echo "training launched on ${NUM_HOSTS} hosts; follow it with: $0 monitor"
 }
 
 case "${1:-}" in
-  setup) write_config; create_bucket; create_tpu; install_deps; copy_code; launch ;;
-  resume) write_config; install_deps; copy_code; launch ;;
+  setup) write_config; create_bucket; create_tpu; install_deps; copy_code; copy_secrets; launch ;;
+  resume) write_config; install_deps; copy_code; copy_secrets; launch ;;
   status)
     gcloud compute tpus queued-resources describe "$QR_NAME" --zone="$ZONE" --project="$PROJECT_ID" --format='value(state.state)'
     tpu_ssh all "pgrep -f 'train.py' >/dev/null && echo \"\$(hostname): training\" || echo \"\$(hostname): idle\"" ;;

@@ -37,8 +37,20 @@ def test_setup_script_config_is_a_valid_tpu_v4_32_run(tmp_path):
     cfg = parse_args(["--config", str(path)])
     assert cfg.training.device == "tpu" and cfg.training.mixed_precision == "bf16"
     assert (cfg.training.tpu_cores, cfg.training.tpu_num_hosts) == (8, 4)
-    assert cfg.training.per_device_train_batch_size * 32 * cfg.training.gradient_accumulation_steps == 1024
+    # A v4 chip is one XLA device (two TensorCores, megacore): --tpu_cores 8 is a host's 4 chips, a v4-32 16 devices.
+    devices = cfg.training.tpu_cores // 2 * cfg.training.tpu_num_hosts
+    assert devices == 16
+    assert cfg.training.per_device_train_batch_size * devices * cfg.training.gradient_accumulation_steps == 1024
+    assert "x 16 devices x 16 accumulation = 1024 sequences per step" in path.read_text()
     assert cfg.data.max_seq_length == 2048 and cfg.surrogate.name_or_path == "Qwen/Qwen2.5-1.5B"
+
+
+def test_setup_script_keeps_secrets_off_command_lines():
+    """The W&B key travels in a 0600 file, never in an ssh command line (visible in ps on the workers)."""
+    text = SCRIPT.read_text()
+    remote_commands = [line for line in text.splitlines() if "tpu_ssh" in line or "--command" in line]
+    assert remote_commands and not any("WANDB_API_KEY" in line for line in remote_commands)
+    assert "umask 077" in text and ". ~/.sdce_secrets" in text
 
 
 # -- images --------------------------------------------------------------------------------------
