@@ -1,9 +1,12 @@
 """SDCETrainer (transformers.Trainer) against train.py: the same run, step by step."""
 
+from pathlib import Path
+
 import pytest
 from torch.utils.data import DistributedSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
+from surrogate_server.process import ServerProcess
 from trainer.data import build_lm_datasets
 from trainer.hf import SDCEConfig, SDCETrainer
 from trainer.losses import LOSS_TYPES
@@ -11,6 +14,7 @@ from trainer.train import train
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[2]
 STEPS, BATCH, ACCUMULATION = 6, 2, 2
 
 
@@ -23,7 +27,7 @@ def hf_run(config, surrogate_dir, output_dir, **overrides):
     assert len(order) >= STEPS * BATCH * ACCUMULATION, "the comparison must stay inside train.py's first epoch"
     blocks = train_set.select(order).rename_column("labels", "shift_labels")  # train.py's labels are shifted already
     args = SDCEConfig(
-        output_dir=str(output_dir), loss_type=training.loss_type, surrogate_model=str(surrogate_dir),
+        output_dir=str(output_dir), loss_type=training.loss_type, surrogate_model=surrogate_dir and str(surrogate_dir),
         surrogate_k=config.surrogate.k, surrogate_probability_threshold=config.surrogate.probability_threshold,
         max_steps=STEPS, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
         learning_rate=training.learning_rate, lr_scheduler_type="cosine", warmup_steps=training.warmup_steps,
@@ -65,6 +69,26 @@ def test_logits_path_and_eval(make_config, surrogate_dir, tmp_path):
     _, eval_set = build_lm_datasets(config.data, tokenizer, seed=config.training.seed)
     metrics = trainer.evaluate(eval_set.rename_column("labels", "shift_labels"))
     assert 0 < metrics["eval_loss"] < 20
+
+
+def test_remote_surrogate_trains_like_the_in_process_one(make_config, surrogate_dir, tmp_path):
+    """surrogate_endpoint: a real server process on loopback; guidance prefetched two micro-batches ahead."""
+    config = make_config({"training": {"max_steps": STEPS, "per_device_train_batch_size": BATCH,
+                                       "gradient_accumulation_steps": ACCUMULATION}}, tmp_path / "train_py")
+    server = ServerProcess(surrogate_dir, "--device", "cpu", "--dtype", "float32", cwd=ROOT,
+                           env={"OMP_NUM_THREADS": "1"}).start()
+    try:
+        trainer, remote = hf_run(config, None, tmp_path / "remote", surrogate_endpoint=server.grpc,
+                                 surrogate_prefetch_depth=2)
+    finally:
+        server.kill()
+    _, local = hf_run(config, surrogate_dir, tmp_path / "local")
+    for a, b in zip(remote, local, strict=True):
+        for key in ("loss", "ce", "surrogate_term", "guided_share"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    # Prefetched: a window may log requests made for the next; over the run, one per micro-batch (and none failed).
+    assert sum(h["guidance_requests"] for h in remote) >= STEPS * ACCUMULATION
+    assert all(h["unguided_batches"] == 0 and h["guidance_failures"] == 0 for h in remote)
 
 
 def test_config_reads_train_py_flag_names(surrogate_dir, tmp_path):
