@@ -125,8 +125,13 @@ def save_checkpoint(
     config_yaml: str,
     backend: Backend,
     save_total_limit: int | None,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write and commit ``checkpoint-{step}`` (all ranks call this), then prune old ones."""
+    """Write and commit ``checkpoint-{step}`` (all ranks call this), then prune old ones.
+
+    ``rank_state``: more of this rank's state, ``{name: object}``, each saved as ``{name}_{rank}.pt``
+    (the stream position of a streaming run; ``load_rank_state`` reads it back).
+    """
     root = Path(output_dir)
     final = root / f"checkpoint-{progress.step}"
     if backend.is_main:
@@ -135,8 +140,9 @@ def save_checkpoint(
             remove_checkpoint(final)
         final.mkdir(parents=True)
     backend.barrier()
-    torch.save(_rng_state(), final / f"rng_state_{backend.rank}.pt")
-    _fsync(final / f"rng_state_{backend.rank}.pt")
+    for name, value in {"rng_state": _rng_state(), **(rank_state or {})}.items():
+        torch.save(value, final / f"{name}_{backend.rank}.pt")
+        _fsync(final / f"{name}_{backend.rank}.pt")
     backend.barrier()  # every rank's generators are on disk before the training state says "complete"
     if backend.is_main:
         model.save_pretrained(final, state_dict=backend.host_state_dict(model))
@@ -230,6 +236,12 @@ def load_checkpoint(
     else:
         log.warning("%s has no RNG state for rank %d: dropout will differ from the original run", path, backend.rank)
     return Progress(**state["progress"])
+
+
+def load_rank_state(path: Path, name: str, rank: int) -> Any:
+    """What ``save_checkpoint(rank_state={name: ...})`` saved for ``rank``, or None if the checkpoint has none."""
+    file = path / f"{name}_{rank}.pt"
+    return torch.load(file, map_location="cpu", weights_only=False) if file.is_file() else None
 
 
 def _check_manifest(path: Path) -> None:

@@ -118,7 +118,16 @@ class DataConfig:
     text_column: str = option("text", "Column holding the raw text.")
     max_seq_length: int = option(1024, "Tokens per packed training block.")
     eval_split_ratio: float = option(0.05, "Share split off for evaluation when the dataset has no eval split.")
-    max_eval_blocks: int | None = option(None, "Evaluate on at most this many blocks (None: all).")
+    max_eval_blocks: int | None = option(None, "Evaluate on at most this many blocks (None: all; streaming: 256).")
+    streaming: bool = option(
+        False,
+        "Read the training data as a stream (hub datasets, local files or shard globs such as 'data/*.jsonl'): "
+        "tokenised and packed on the fly in the loader's workers, sharded over ranks, resumed from its saved "
+        "position; memory does not grow with the corpus. Needs max_steps.",
+    )
+    stream_batch_documents: int = option(
+        1000, "streaming: documents tokenised and packed together; each such batch drops its last partial block."
+    )
     num_workers: int = option(0, "DataLoader worker processes (at most 2 on TPU).", "dataloader_num_workers", "num_workers")
     preprocessing_num_workers: int | None = option(None, "Processes for tokenisation (datasets.map num_proc).")
 
@@ -127,6 +136,8 @@ class DataConfig:
             raise ValueError(f"data.max_seq_length must be at least 2, got {self.max_seq_length}")
         if not 0.0 < self.eval_split_ratio < 1.0:
             raise ValueError(f"data.eval_split_ratio must be in (0, 1), got {self.eval_split_ratio}")
+        if self.stream_batch_documents < 1:
+            raise ValueError(f"data.stream_batch_documents must be at least 1, got {self.stream_batch_documents}")
 
 
 @dataclass
@@ -205,6 +216,8 @@ class TrainConfig:
             )
         if not (self.data.dataset_name or self.data.train_file):
             raise ValueError("no training data: pass --dataset NAME_OR_DIR or --train_file PATH")
+        if self.data.streaming and self.training.max_steps <= 0:
+            raise ValueError("--streaming reads a stream of unknown length: set --max_steps (num_epochs needs a length)")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

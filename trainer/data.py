@@ -10,17 +10,24 @@ token after the first is a label exactly once.
 
     train_set, eval_set = build_lm_datasets(config.data, tokenizer, seed=42)
     train_set[0]["input_ids"].shape  # torch.Size([L]), int64
+
+With ``streaming`` (``build_streaming_datasets``) the training set is a
+``datasets.IterableDataset`` of the same blocks, read, tokenised and packed on the
+fly where it is iterated (the loader's workers), this rank's share only; its
+position is the loader's ``state_dict()``, saved with every checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import datasets
+import datasets.distributed
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -256,3 +263,104 @@ def _blocks_dataset(inputs: np.ndarray, labels: np.ndarray, split: str, recipe: 
     fingerprint = Hasher.hash([split, *recipe])
     table = datasets.table.InMemoryTable(table)
     return datasets.Dataset(table, split=datasets.NamedSplit(split), fingerprint=fingerprint)
+
+
+# -- streaming ----------------------------------------------------------------------
+DEFAULT_STREAM_EVAL_BLOCKS = 256
+
+
+def build_streaming_datasets(
+    cfg: DataConfig, tokenizer: Any, *, seed: int, rank: int, world_size: int
+) -> tuple[datasets.IterableDataset, datasets.Dataset]:
+    """This rank's stream of training blocks (``input_ids``, ``labels``, as ``build_lm_datasets``) and a fixed eval set.
+
+    The eval set is ``eval_file``, else the source's validation split, else the documents
+    whose text hashes into the ``eval_split_ratio`` share (left out of training): its first
+    ``max_eval_blocks`` blocks (default 256), read once at start-up, the same on every rank.
+    Each batch of ``stream_batch_documents`` documents is packed alone (EOS after each, windows of
+    L + 1 tokens), so a batch's last partial block is dropped.
+    """
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token: set one (it separates documents)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    splits = _stream_splits(cfg)
+    train, held_out = splits["train"], splits.get("eval")
+    if held_out is None:  # hold out a share of the documents, decided by their text (every rank agrees)
+        threshold = int(cfg.eval_split_ratio * 2**32)
+        held_out = train.filter(lambda row: _text_hash(row[cfg.text_column]) < threshold)
+        train = train.filter(lambda row: _text_hash(row[cfg.text_column]) >= threshold)
+    pack = {"tokenizer": tokenizer, "text_column": cfg.text_column, "eos_id": eos_id, "length": cfg.max_seq_length}
+    blocks = datasets.distributed.split_dataset_by_node(train, rank=rank, world_size=world_size).map(
+        _pack_batch, batched=True, batch_size=cfg.stream_batch_documents, fn_kwargs=pack,
+        remove_columns=list(train.column_names or [cfg.text_column]),
+    )
+    evaluation = _stream_eval_set(held_out, cfg, pack, pad_id)
+    log.info("data: streaming %s (rank %d of %d), eval %d blocks of %d", cfg.dataset_name or cfg.train_file,
+             rank, world_size, evaluation.num_rows, cfg.max_seq_length)
+    return blocks.with_format("torch"), evaluation
+
+
+def _stream_splits(cfg: DataConfig) -> dict[str, datasets.IterableDataset]:
+    """The raw training stream and, where the source has one, its eval stream (or the eval_file's)."""
+    if cfg.dataset_name and cfg.train_file:
+        raise ValueError("pass either --dataset or --train_file, not both")
+    if cfg.dataset_name and not Path(cfg.dataset_name).expanduser().exists():
+        source = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config, streaming=True)
+    else:
+        source = datasets.IterableDatasetDict(train=_stream_files(cfg.train_file or cfg.dataset_name))
+    if "train" not in source:
+        raise ValueError(f"dataset {cfg.dataset_name!r} has no 'train' split; its splits are {list(source)}")
+    splits = {"train": source["train"]}
+    if cfg.eval_file:
+        splits["eval"] = _stream_files(cfg.eval_file)
+    elif eval_name := next((name for name in EVAL_SPLIT_NAMES if name in source), None):
+        splits["eval"] = source[eval_name]
+    return splits
+
+
+def _stream_files(spec: str) -> datasets.IterableDataset:
+    """A stream over local files: comma-separated paths or globs (``data/*.jsonl``), or a directory of them."""
+    paths: list[Path] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        path = Path(part).expanduser()
+        matched = sorted(path.parent.glob(path.name)) if any(c in part for c in "*?[") else [path]
+        if path.is_dir():
+            matched = sorted(p for p in path.iterdir() if p.suffix.lower() in BUILDERS)
+        if not matched or not all(p.is_file() for p in matched):
+            raise ValueError(f"no data file matches {part!r}: pass existing files, globs or a directory")
+        paths += matched
+    builders = {BUILDERS.get(p.suffix.lower()) for p in paths}
+    if None in builders or len(builders) > 1:
+        raise ValueError(f"files of {spec!r} must share one format of {', '.join(BUILDERS)}; got {sorted(map(str, builders))}")
+    files = [str(p.resolve()) for p in paths]
+    return datasets.load_dataset(builders.pop(), data_files={"train": files}, split="train", streaming=True)
+
+
+def _text_hash(text: Any) -> int:
+    """A stable 32-bit hash of a document's text (which side of the held-out split it falls on)."""
+    return int.from_bytes(hashlib.blake2b(str(text).encode(), digest_size=4).digest(), "big")
+
+
+def _pack_batch(batch: dict[str, list], *, tokenizer: Any, text_column: str, eos_id: int, length: int) -> dict:
+    """One batch of documents as training blocks (``pack_blocks`` without a tail)."""
+    ids = _tokenize_batch(batch, tokenizer=tokenizer, text_column=text_column, eos_id=eos_id)["input_ids"]
+    stream = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32)
+    inputs, labels = pack_blocks(stream, length, keep_tail=False, pad_id=eos_id)
+    return {"input_ids": inputs.astype(np.int64), "labels": labels.astype(np.int64)}
+
+
+def _stream_eval_set(held_out: datasets.IterableDataset, cfg: DataConfig, pack: dict, pad_id: int) -> datasets.Dataset:
+    """The first max_eval_blocks blocks of the eval stream, kept in memory (the tail padded, as in the map path)."""
+    limit = cfg.max_eval_blocks or DEFAULT_STREAM_EVAL_BLOCKS
+    tokens: list[int] = []
+    for rows in held_out.iter(batch_size=cfg.stream_batch_documents):
+        ids = _tokenize_batch(rows, tokenizer=pack["tokenizer"], text_column=cfg.text_column, eos_id=pack["eos_id"])
+        tokens += itertools.chain.from_iterable(ids["input_ids"])
+        if len(tokens) > limit * cfg.max_seq_length:
+            break
+    if len(tokens) < 2:
+        raise ValueError("the eval stream holds fewer than 2 tokens: pass --eval_file or raise --eval_split_ratio")
+    inputs, labels = pack_blocks(np.array(tokens, dtype=np.int32), cfg.max_seq_length, keep_tail=True, pad_id=pad_id)
+    recipe = [cfg.dataset_name, cfg.train_file, cfg.eval_file, tokenizer_fingerprint(pack["tokenizer"]), limit]
+    return _blocks_dataset(inputs[:limit], labels[:limit], "eval", recipe).with_format("torch")

@@ -6,6 +6,7 @@ its own module (data, guidance, losses, checkpoint, tracking, device).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import math
@@ -17,14 +18,15 @@ from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup, set_seed
 
-from trainer.checkpoint import (Progress, checkpoints, latest_checkpoint, load_checkpoint, remove_checkpoint,
-                                resolve_resume, save_checkpoint)
+from trainer.checkpoint import (Progress, checkpoints, latest_checkpoint, load_checkpoint, load_rank_state,
+                                remove_checkpoint, resolve_resume, save_checkpoint)
 from surrogate_server.source import SurrogateUnavailable
 from trainer.config import TrainConfig, TrainingConfig
-from trainer.data import build_lm_datasets
+from trainer.data import build_lm_datasets, build_streaming_datasets
 from trainer.device import Backend, main_process_first
 from trainer.guidance import Batch, Guide, guided_batches
 from trainer.losses import IGNORE_INDEX, fused_sdce_loss, sdce_loss
@@ -76,20 +78,29 @@ class Trainer:
         set_seed(cfg.seed)
         self.resume_from = resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
         self.tokenizer = load_tokenizer(config.model)
+        self.streaming = config.data.streaming
         with main_process_first(backend):
-            self.train_set, self.eval_set = build_lm_datasets(config.data, self.tokenizer, seed=cfg.seed)
+            if self.streaming:
+                self.train_set, self.eval_set = build_streaming_datasets(
+                    config.data, self.tokenizer, seed=cfg.seed, rank=backend.rank, world_size=backend.world_size)
+            else:
+                self.train_set, self.eval_set = build_lm_datasets(config.data, self.tokenizer, seed=cfg.seed)
+        # streaming: the loader's position after each micro-batch drawn, in order (prefetching draws ahead);
+        # the training loop takes them as it consumes the batches, and saves the last in the checkpoint.
+        self._data_states: collections.deque[dict] = collections.deque()
+        self.data_state: dict | None = None
         self.model = load_base_model(config.model, self.tokenizer, backend, weights_from=self.resume_from)
         self.guide: Guide | None = build_guide(config, self.tokenizer, backend.device, self._text_sample())
         if self.guide is not None and self.guide.inputs is not None:
-            sample = self.train_set[: min(64, len(self.train_set))]
-            measured = self.guide.inputs.measure(torch.as_tensor(sample["input_ids"]), torch.as_tensor(sample["labels"]))
+            sample = self._first_blocks(64)
+            measured = self.guide.inputs.measure(sample["input_ids"], sample["labels"])
             log.info("byte alignment on %d blocks: %.1f%% of labelled positions guided, %.2f%% cut by the surrogate "
                      "length, %.0f base tokens/s", len(sample["input_ids"]), 100 * measured["guided_share"],
                      100 * measured["truncated_share"], measured["tokens_per_s"])
         # With the fused loss the wrapped forward stops at the final hidden states; the loss applies the head.
         self.hidden = hidden_states_of(self.model) if config.training.fused_loss else None
         self.ddp_model = backend.wrap_model(self.hidden if self.hidden is not None else self.model)
-        self.plan = StepPlan.make(len(self._train_loader(epoch=0)), cfg)
+        self.plan = StepPlan(0, 0, cfg.max_steps) if self.streaming else StepPlan.make(len(self._train_loader(0)), cfg)
         self.optimizer = self._optimizer()
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.plan.total_steps)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.plan.total_steps)
@@ -146,7 +157,14 @@ class Trainer:
         progress = load_checkpoint(
             path, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, backend=self.backend
         )
-        if progress.world_size != self.backend.world_size and progress.micro_batch:
+        if self.streaming:
+            self.data_state = load_rank_state(path, "data_state", self.backend.rank)
+            if progress.world_size != self.backend.world_size or self.data_state is None:
+                raise ValueError(
+                    f"{path.name} holds the stream positions of {progress.world_size} ranks; resume a streaming run "
+                    f"with as many ranks ({self.backend.world_size} now), from a checkpoint of a streaming run"
+                )
+        elif progress.world_size != self.backend.world_size and progress.micro_batch:
             raise ValueError(
                 f"{path.name} stopped mid-epoch with {progress.world_size} ranks; resuming with "
                 f"{self.backend.world_size} would change which rank reads which batches. Resume with "
@@ -156,10 +174,19 @@ class Trainer:
         return progress
 
     # -- data -------------------------------------------------------------------
+    def _first_blocks(self, blocks: int) -> dict[str, torch.Tensor]:
+        """The first training blocks (this rank's, when streaming), stacked: ``input_ids`` and ``labels``."""
+        if not self.streaming:
+            rows = self.train_set[: min(blocks, len(self.train_set))]
+            return {key: torch.as_tensor(rows[key]) for key in ("input_ids", "labels")}
+        rows = list(itertools.islice(iter(self.train_set), blocks))
+        if not rows:
+            raise ValueError("the training stream yields no block: check the data, or lower --max_seq_length")
+        return {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "labels")}
+
     def _text_sample(self, blocks: int = 8) -> str:
         """Some training text, decoded back from the first blocks (for the alignment coverage figure)."""
-        ids = self.train_set[: min(blocks, len(self.train_set))]["input_ids"]
-        return self.tokenizer.decode(torch.as_tensor(ids).flatten().tolist())
+        return self.tokenizer.decode(self._first_blocks(blocks)["input_ids"].flatten().tolist())
 
     def _loader(self, dataset: Any, sampler: Any, batch_size: int, drop_last: bool, collate_fn: Any = None) -> DataLoader:
         return DataLoader(
@@ -193,8 +220,42 @@ class Trainer:
         batch_size = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
         return self._loader(share, None, batch_size, drop_last=False)
 
+    def _stream_loader(self, epoch: int) -> StatefulDataLoader:
+        """This rank's stream of training blocks; ``state_dict()`` after a batch is the position to resume from."""
+        self.train_set.set_epoch(epoch)
+        cfg = self.config.training
+        return StatefulDataLoader(
+            self.train_set,
+            batch_size=cfg.per_device_train_batch_size,
+            drop_last=True,
+            num_workers=self.backend.dataloader_workers(self.config.data.num_workers),
+            pin_memory=self.backend.kind == "cuda",
+            collate_fn=self.guide.inputs if self.guide is not None else None,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+
+    def _stream_batches(self) -> Iterator[Batch]:
+        """Streaming: micro-batches from the saved stream position on; at the stream's end, again from its start."""
+        epoch, state = self.progress.epoch, self.data_state
+        while True:
+            loader = self._stream_loader(epoch)
+            if state is not None:
+                loader.load_state_dict(state["loader"])
+                state = None
+            drawn = False
+            for batch in loader:
+                self._data_states.append({"epoch": epoch, "loader": loader.state_dict()})
+                drawn = True
+                yield batch
+            if not drawn:
+                raise ValueError("the training stream holds less than one batch: add data or lower the batch size")
+            epoch += 1
+
     def _micro_batches(self) -> Iterator[Batch]:
         """Training micro-batches from the saved position on, epoch after epoch."""
+        if self.streaming:
+            yield from self._stream_batches()
+            return
         epoch, skip = self.progress.epoch, self.progress.micro_batch
         per_epoch = self.plan.steps_per_epoch * self.config.training.gradient_accumulation_steps
         while True:
@@ -212,6 +273,11 @@ class Trainer:
         return self.backend.device_loader(guided_batches(micro, self.guide, depth))
 
     def _advance(self, micro_batches: int) -> None:
+        if self.streaming:  # the stream's position is the loader's, after the last micro-batch consumed
+            for _ in range(micro_batches):
+                self.data_state = self._data_states.popleft()
+            self.progress.epoch, self.progress.micro_batch = self.data_state["epoch"], 0
+            return
         per_epoch = self.plan.steps_per_epoch * self.config.training.gradient_accumulation_steps
         position = self.progress.micro_batch + micro_batches
         self.progress.epoch += position // per_epoch
@@ -330,6 +396,8 @@ class Trainer:
         ) from err
 
     def _epoch_float(self) -> float:
+        if self.streaming:
+            return float(self.progress.epoch)
         per_epoch = self.plan.steps_per_epoch * self.config.training.gradient_accumulation_steps
         return self.progress.epoch + self.progress.micro_batch / per_epoch
 
@@ -369,6 +437,7 @@ class Trainer:
             config_yaml=self.config.to_yaml(),
             backend=self.backend,
             save_total_limit=self.config.training.save_total_limit,
+            rank_state={"data_state": self.data_state} if self.streaming else None,
         )
 
     def _save_final(self) -> None:
