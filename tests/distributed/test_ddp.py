@@ -10,6 +10,7 @@ big batch's loss, DDP averages the gradients of loss * world_size, and so the up
 the big batch's update up to float summation order.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from surrogate_server.process import ServerProcess
-from trainer.checkpoint import STATE_FILE, checkpoints
+from trainer.checkpoint import MANIFEST, STATE_FILE, checkpoints
 from trainer.tracking import read_metrics
 from trainer.train import train
 
@@ -122,6 +123,9 @@ def test_resume_at_an_epoch_boundary_with_another_world_size(two_ranks, make_con
     state = torch.load(state_file, weights_only=False)
     state["progress"].update(epoch=1, micro_batch=0)  # as if saved on the last step of epoch 0
     torch.save(state, state_file)
+    manifest = json.loads((resumed / "checkpoint-2" / MANIFEST).read_text())
+    manifest["files"][STATE_FILE] = state_file.stat().st_size  # the edit is ours: record it, or the size check fails
+    (resumed / "checkpoint-2" / MANIFEST).write_text(json.dumps(manifest))
     result = train(make_config(
         {"training": {"per_device_train_batch_size": 4, "max_steps": STEPS, "resume_from_checkpoint": "latest"}}, resumed
     ))
