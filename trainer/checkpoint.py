@@ -4,15 +4,17 @@ Layout of ``output_dir/checkpoint-{step}/``: the model and tokenizer in Hugging
 Face format (``save_pretrained``, safetensors), ``config.yaml`` (the resolved run
 config), ``rng_state_{rank}.pt`` (each rank's random generators), then
 ``training_state.pt`` (optimizer, LR scheduler, grad scaler, progress) and last
-``checkpoint.json``, the manifest (every file and its size): the commit. Each file
+``checkpoint.json``, the manifest (every file and its size): the commit. A save marks
+its directory ``.sdce-uncommitted`` first and removes the mark after the commit. Each file
 is flushed to disk before the next is written, and the two last ones appear whole
 (written under a temporary name, then ``os.replace``: a file rename, which Cloud
 Storage FUSE and other object-store mounts support; directory renames they refuse
 or do not make atomic, and none is used). ``checkpoints()`` lists only committed
 directories, so a crash or a power cut never leaves a half-written checkpoint for
-``latest`` to pick: what it leaves is swept by the next save. A checkpoint is removed
-(pruned, or replaced by a new save of its step) by deleting its manifest and
-training state first: it stops being a checkpoint at once, then its files go.
+``latest`` to pick: what it leaves is swept by the next save (only directories with
+that mark: another trainer's ``checkpoint-N`` in the same directory is left alone). A
+checkpoint is removed (pruned, or replaced by a new save of its step) by marking it
+and deleting its manifest first: it stops being a checkpoint at once, then its files go.
 Directories of earlier releases (``training_state.pt``, no manifest: they were
 committed by a directory rename) still count. The output directory is assumed to be
 shared by all ranks of a multi-node run.
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.pt"
 MANIFEST = "checkpoint.json"  # written last: its presence commits the checkpoint
+UNCOMMITTED = ".sdce-uncommitted"  # written first by a save (and by a removal): ours, and not (or no longer) whole
 
 
 @dataclass
@@ -72,7 +75,7 @@ def is_committed(path: Path) -> bool:
             return isinstance(json.loads(manifest.read_text()).get("files"), dict)
         except (ValueError, AttributeError):
             return False
-    return (path / STATE_FILE).is_file()
+    return (path / STATE_FILE).is_file() and not (path / UNCOMMITTED).exists()
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -138,7 +141,8 @@ def save_checkpoint(
         _sweep(root)
         if final.exists():  # a new save of a step already saved replaces it
             remove_checkpoint(final)
-        final.mkdir(parents=True)
+        final.mkdir(parents=True, exist_ok=True)
+        (final / UNCOMMITTED).touch()  # until the manifest: the next save may sweep it
     backend.barrier()
     for name, value in {"rng_state": _rng_state(), **(rank_state or {})}.items():
         torch.save(value, final / f"{name}_{backend.rank}.pt")
@@ -156,10 +160,18 @@ def save_checkpoint(
             "progress": asdict(progress),
         }
         _write_whole(final / STATE_FILE, lambda tmp: backend.save(state, tmp))
-        files = {str(p.relative_to(final)): p.stat().st_size for p in sorted(final.rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(final)): p.stat().st_size for p in sorted(final.rglob("*"))
+                 if p.is_file() and p.name != UNCOMMITTED}
+        expected = [STATE_FILE, "config.json", *(f"{name}_{rank}.pt" for name in ("rng_state", *(rank_state or {}))
+                                                 for rank in range(backend.world_size))]
+        if missing := [name for name in expected if name not in files]:
+            raise RuntimeError(f"{final} lacks {missing} after every rank wrote it: is {root} shared by all nodes?")
         manifest = json.dumps({"step": progress.step, "files": files}, indent=1)
         _write_whole(final / MANIFEST, lambda tmp: tmp.write_text(manifest))  # the commit
-        for old in checkpoints(root)[:-save_total_limit] if save_total_limit is not None else []:
+        (final / UNCOMMITTED).unlink()
+        # The oldest go first, never the one just written (a run resumed from an older step may have newer ones).
+        older = [path for path in checkpoints(root) if path != final]
+        for old in older[: max(len(older) - save_total_limit + 1, 0)] if save_total_limit is not None else []:
             remove_checkpoint(old)
         log.info("saved %s", final)
     backend.barrier()
@@ -168,7 +180,9 @@ def save_checkpoint(
 
 def remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint so that no crash can leave part of it looking whole: uncommit it first, then delete."""
-    for marker in (MANIFEST, STATE_FILE):
+    (path / UNCOMMITTED).touch()
+    _fsync(path)
+    for marker in (MANIFEST, STATE_FILE):  # with both gone no listing takes it for whole, marked or not
         (path / marker).unlink(missing_ok=True)
     _fsync(path)
     shutil.rmtree(path, ignore_errors=True)  # no longer a checkpoint; what a crash leaves, the next save sweeps
@@ -188,7 +202,8 @@ def _sweep(root: Path) -> None:
     if not root.is_dir():
         return
     for leftover in root.iterdir():
-        partial = _NAME.match(leftover.name) and not is_committed(leftover)
+        # Only directories a save of ours left (its marker): never another trainer's checkpoint-N (HF Trainer's).
+        partial = _NAME.match(leftover.name) and (leftover / UNCOMMITTED).exists() and not is_committed(leftover)
         legacy = leftover.name.startswith(".checkpoint-") and leftover.suffix in (".tmp", ".old")
         if (partial or legacy) and leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from trainer.checkpoint import (MANIFEST, STATE_FILE, Progress, checkpoints, latest_checkpoint, load_checkpoint,
+from trainer.checkpoint import (MANIFEST, STATE_FILE, UNCOMMITTED, Progress, checkpoints, latest_checkpoint, load_checkpoint,
                                 resolve_resume, save_checkpoint)
 from trainer.device import Backend
 
@@ -60,6 +60,8 @@ def test_prune_keeps_the_newest(tmp_path, parts):
     for step in (2, 4, 6):
         _save(tmp_path, parts, step, keep=2)
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    _save(tmp_path, parts, 5, keep=2)  # resumed from an older step: the save just written is never pruned
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-6"]
 
 
 def test_half_written_checkpoints_are_never_latest(tmp_path, parts):
@@ -148,8 +150,12 @@ def test_the_next_save_sweeps_what_a_crash_left(tmp_path, parts):
     shutil.copytree(tmp_path / "checkpoint-2", tmp_path / ".checkpoint-1.old")  # ... while removing step 1
     (tmp_path / "checkpoint-5").mkdir()  # this release, killed while writing step 5
     (tmp_path / "checkpoint-5" / "config.json").write_text("{}")
+    (tmp_path / "checkpoint-5" / UNCOMMITTED).touch()
+    (tmp_path / "checkpoint-9").mkdir()  # another trainer's (HF Trainer names its checkpoints so too)
+    (tmp_path / "checkpoint-9" / "trainer_state.json").write_text("{}")
     _save(tmp_path, parts, 6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6", "checkpoint-9"]
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-6"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fsynced paths from /proc/self/fd")
