@@ -34,7 +34,8 @@ from trainer.hf import SDCEConfig, SDCETrainer  # noqa: E402  (1 of 3: the impor
 @dataclass
 class ScriptArguments:
     base_model: str | None = field(default=None, metadata={"help": "Base model name or directory (default: the demo's)."})
-    init_from_scratch: bool = field(default=True, metadata={"help": "Train the base from its config, not its weights."})
+    init_from_scratch: bool = field(default=False, metadata={"help": "Train the base from its config, not its weights "
+                                                                     "(the demo's base always is)."})
     train_file: str | None = field(default=None, metadata={"help": "Training text: .txt, .json or .jsonl (default: the demo's)."})
     eval_file: str | None = field(default=None, metadata={"help": "Evaluation text, same formats."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text (json/jsonl)."})
@@ -48,7 +49,8 @@ def demo_defaults(script: ScriptArguments, args: SDCEConfig) -> None:
     profile, spec = (demo.QUICK, demo.QUICK_SPEC) if script.quick else (demo.FULL, demo.AssetSpec())
     workdir = Path(script.demo_workdir).resolve()
     assets = demo.prepare_assets(workdir, spec)
-    script.base_model = script.base_model or str(assets.base_dir)
+    if script.base_model is None:
+        script.base_model, script.init_from_scratch = str(assets.base_dir), True
     script.train_file = script.train_file or str(assets.train_file)
     script.eval_file = script.eval_file or str(assets.valid_file)
     if args.loss_type != "standard" and not (args.surrogate_model or args.surrogate_endpoint):
@@ -92,7 +94,7 @@ def main() -> None:
         model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks.get("validation"),
         processing_class=tokenizer,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)  # HF leaves this flag to the script
     metrics = trainer.evaluate() if "validation" in blocks else {}
     trainer.save_model()
     trainer.save_state()  # trainer_state.json: the log history

@@ -55,6 +55,8 @@ from trainer.schedules import surrogate_weight
 log = logging.getLogger("trainer")
 
 _LOSS_OPTIONS = ("loss_type", "z_loss_multiplier", "fused_loss")  # of TrainingConfig; the rest is TrainingArguments'
+# What the collator and the guidance add to a batch for the loss, not for the model's forward.
+_SDCE_KEYS = frozenset({"labels", "cand_ids", "cand_logprobs", "surrogate_ids", "surrogate_mask", "guide_index"})
 
 
 def _flat_name(field: dataclasses.Field) -> str:
@@ -138,7 +140,7 @@ class SDCETrainer(Trainer):
         **kwargs: Any,
     ):
         if not isinstance(args, SDCEConfig):
-            raise TypeError(f"SDCETrainer takes SDCEConfig arguments (TrainingArguments plus SDCE's), got {type(args).__name__}")
+            raise ValueError(f"SDCETrainer takes SDCEConfig arguments (TrainingArguments plus SDCE's), got {type(args).__name__}")
         if args.n_gpu > 1:
             raise ValueError(f"{args.n_gpu} GPUs in one process (DataParallel): start one process per GPU with torchrun")
         self.guide = self._guide(args, processing_class, surrogate, train_dataset)
@@ -146,7 +148,12 @@ class SDCETrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=collator, train_dataset=train_dataset,
                          processing_class=processing_class, **kwargs)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the whole step's label count itself
-        self.hidden = hidden_states_of(self.model) if args.fused_loss and _keeps_logits(self.model) else None
+        # The fused loss reads the head's weight outside the model's forward: whole only without sharding.
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if args.fused_loss and sharded:
+            log.info("fused loss off: FSDP / DeepSpeed shard the LM head; training on full logits")
+        fused = args.fused_loss and not sharded and _keeps_logits(self.model)
+        self.hidden = hidden_states_of(self.model) if fused else None
         self._epoch_batches: Iterator[Batch] | None = None
         self._epoch_source: Iterator | None = None
         self._sums: dict[str, torch.Tensor] = {}  # SDCE's metrics since the last log, on the device
@@ -178,6 +185,8 @@ class SDCETrainer(Trainer):
     # -- guidance and the label count ---------------------------------------------
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """The next optimizer step's micro-batches with guidance attached, and their label count over all ranks."""
+        if not self._sums:  # the first step since the last log (or since the start, or a resume)
+            self._logged_at = self.state.global_step
         if epoch_iterator is not self._epoch_source:  # a new epoch: its own prefetching pipeline
             self._close_guidance()
             depth = self.args.surrogate_prefetch_depth if self.args.surrogate_endpoint else 0
@@ -202,15 +211,19 @@ class SDCETrainer(Trainer):
                      num_items_in_batch: Any = None) -> Any:
         """The SDCE loss of a micro-batch as a share of the step's: sum / num_items_in_batch (all ranks) × ranks.
 
-        Batches without candidates (evaluation) get plain cross-entropy over their own labels.
+        Batches without candidates (evaluation) get plain cross-entropy over their own labels: in
+        evaluation HF's count is not ours (it shifts labels we have shifted already), so the batch counts them.
         """
+        training = model.training and num_items_in_batch is not None
         guided = "cand_ids" in inputs
         lam = surrogate_weight(self.state.global_step, max(self.state.max_steps, 1),
                                self.args.surrogate_loss_weight_initial, self.args.surrogate_loss_weight_final)
         loss_args = {"loss_type": self.args.loss_type if guided else "standard", "surrogate_weight": lam,
-                     "num_labels": num_items_in_batch, "z_loss_multiplier": self.args.z_loss_multiplier}
+                     "num_labels": num_items_in_batch if training else None,
+                     "z_loss_multiplier": self.args.z_loss_multiplier}
         targets = (inputs["labels"], inputs.get("cand_ids"), inputs.get("cand_logprobs"))
-        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+        # Everything the collator made for the model (position_ids of a padding-free collator too), not SDCE's keys.
+        forward = {key: value for key, value in inputs.items() if key not in _SDCE_KEYS}
         if self.hidden is not None and not return_outputs:
             # Through the (DDP-)wrapped model as usual, logits for one position only; the loss applies the head
             # to the decoder's output chunk by chunk.
@@ -223,20 +236,23 @@ class SDCETrainer(Trainer):
             loss, parts = sdce_loss(outputs.logits, *targets, **loss_args)
         if model.training:
             self._add_metrics(parts, lam)
-        if num_items_in_batch is not None:
+        if training:
             loss = loss * self.accelerator.num_processes  # DDP averages the ranks' gradients
         return (loss, outputs) if return_outputs else loss
 
     # -- metrics ------------------------------------------------------------------
     def _add_metrics(self, parts: dict[str, torch.Tensor], lam: float) -> None:
         values = {"ce": parts["ce"], "surrogate_term": parts["aux"], "guided_positions": parts["guided_positions"],
-                  "labels": parts["num_labels"], "lambda": torch.tensor(lam), "micro_batches": torch.tensor(1.0)}
+                  "labels": parts["num_labels"], "lambda": lam, "micro_batches": 1.0}
         for name, value in values.items():
-            value = value.detach().float().to(self.args.device)
+            value = torch.as_tensor(value, device=self.args.device).detach().float()
             self._sums[name] = self._sums[name] + value if name in self._sums else value
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """HF's training logs, plus SDCE's since the last one (all ranks: every rank logs at the same steps)."""
+        """HF's training logs, plus SDCE's since the last one, over all ranks (every rank logs at the same steps).
+
+        The guidance statistics (requests, latency, retries) are this process's, as HF logs on the main one.
+        """
         if "loss" in logs and self._sums:
             names = sorted(self._sums)
             totals = dict(zip(names, self.accelerator.reduce(torch.stack([self._sums[n] for n in names]),

@@ -44,10 +44,18 @@ class Tracker(NullTracker):
         config: dict[str, Any],
         tags: str | None = None,
         run_id: str | None = None,
+        resumed_at: int | None = None,
     ):
-        """``tags``: comma-separated; ``run_id``: the W&B run to continue (a resumed job), else a new one."""
+        """``tags``: comma-separated; ``run_id``: the W&B run to continue (a resumed job), else a new one.
+
+        ``resumed_at``: the step a resumed job continues from: ``metrics.jsonl`` keeps the records up to
+        it and drops what the interrupted job logged after it; None (a new job) starts the file afresh.
+        """
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = (output_dir / "metrics.jsonl").open("a")
+        path = output_dir / "metrics.jsonl"
+        kept = _records_up_to(path, resumed_at) if resumed_at is not None else []
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        self._file = path.open("a")
         self._wandb = None
         if wandb_project:
             import wandb
@@ -81,6 +89,19 @@ class Tracker(NullTracker):
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _records_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    """The records of an existing metrics file with step <= ``step`` (a torn last line, from a kill, dropped)."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", 0) <= step:
+            records.append(record)
+    return records
 
 
 def read_metrics(output_dir: str | Path, section: str = "train") -> list[dict[str, float]]:

@@ -134,9 +134,13 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(self.output_dir / "config.yaml")
         log.info("resolved config:\n%s", self.config.to_yaml())
+        # Resuming this run (its own output_dir) continues its W&B run and its metrics file; a checkpoint of
+        # another run (fine-tuning from it) starts new ones.
+        own = self.resume_from is not None and self.resume_from.parent.resolve() == self.output_dir.resolve()
         tracker = Tracker(
             self.output_dir, wandb_project=cfg.wandb_project, run_name=cfg.wandb_run_name, tags=cfg.wandb_tags,
-            config=self.config.to_dict(), run_id=self.progress.wandb_run_id,
+            config=self.config.to_dict(), run_id=self.progress.wandb_run_id if own else None,
+            resumed_at=self.progress.step if own else None,
         )
         self.progress.wandb_run_id = tracker.run_id  # saved with every checkpoint: a resumed job continues the run
         return tracker

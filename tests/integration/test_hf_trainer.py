@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from torch.utils.data import DistributedSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS, BATCH, ACCUMULATION = 6, 2, 2
 
 
-def hf_run(config, surrogate_dir, output_dir, **overrides):
+def hf_run(config, surrogate_dir, output_dir, resume=None, **overrides):
     """SDCETrainer on train.py's blocks, in the order train.py's sampler draws them in its first epoch."""
     training = config.training
     tokenizer = AutoTokenizer.from_pretrained(config.model.name_or_path)
@@ -32,12 +33,12 @@ def hf_run(config, surrogate_dir, output_dir, **overrides):
         max_steps=STEPS, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
         learning_rate=training.learning_rate, lr_scheduler_type="cosine", warmup_steps=training.warmup_steps,
         weight_decay=training.weight_decay, optim="adamw_torch", max_grad_norm=training.max_grad_norm,
-        train_sampling_strategy="sequential", logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=True, seed=training.seed, disable_tqdm=True, **overrides,
+        train_sampling_strategy="sequential", logging_steps=1, report_to="none",
+        use_cpu=True, seed=training.seed, disable_tqdm=True, **{"save_strategy": "no", **overrides},
     )
     model = AutoModelForCausalLM.from_pretrained(config.model.name_or_path)
     trainer = SDCETrainer(model=model, args=args, train_dataset=blocks, processing_class=tokenizer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return trainer, [h for h in trainer.state.log_history if "ce" in h]
 
 
@@ -89,6 +90,35 @@ def test_remote_surrogate_trains_like_the_in_process_one(make_config, surrogate_
     # Prefetched: a window may log requests made for the next; over the run, one per micro-batch (and none failed).
     assert sum(h["guidance_requests"] for h in remote) >= STEPS * ACCUMULATION
     assert all(h["unguided_batches"] == 0 and h["guidance_failures"] == 0 for h in remote)
+
+
+def test_resume_logs_like_the_uninterrupted_run(make_config, surrogate_dir, tmp_path):
+    config = make_config({"training": {"max_steps": STEPS, "per_device_train_batch_size": BATCH,
+                                       "gradient_accumulation_steps": ACCUMULATION}}, tmp_path / "train_py")
+    _, full = hf_run(config, surrogate_dir, tmp_path / "full", save_strategy="steps", save_steps=3)
+    _, history = hf_run(config, surrogate_dir, tmp_path / "full", resume=tmp_path / "full" / "checkpoint-3")
+    resumed = [h for h in history if h["step"] > 3]  # the history restored from the checkpoint comes first
+    assert [h["step"] for h in resumed] == [4, 5, 6]
+    for a, b in zip(resumed, full[3:], strict=True):
+        for key in ("loss", "ce", "surrogate_term", "lambda"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+
+
+def test_eval_loss_is_the_token_mean_for_a_llama_base(make_config, surrogate_dir, tmp_path):
+    """A Llama base (HF's count would shift our labels again): eval_loss is the mean CE over the labelled tokens."""
+    config = make_config({"model": {"name_or_path": str(surrogate_dir)}, "training": {"loss_type": "standard"}})
+    tokenizer = AutoTokenizer.from_pretrained(surrogate_dir)
+    _, eval_set = build_lm_datasets(config.data, tokenizer, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(surrogate_dir)
+    args = SDCEConfig(output_dir=str(tmp_path), loss_type="standard", report_to="none", use_cpu=True,
+                      per_device_eval_batch_size=len(eval_set))
+    trainer = SDCETrainer(model=model, args=args, processing_class=tokenizer, train_dataset=eval_set)
+    got = trainer.evaluate(eval_set.rename_column("labels", "shift_labels"))["eval_loss"]
+    rows = eval_set[:]
+    with torch.no_grad():
+        logits = model(input_ids=rows["input_ids"]).logits
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows["labels"].flatten(), ignore_index=-100)
+    assert got == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_config_reads_train_py_flag_names(surrogate_dir, tmp_path):

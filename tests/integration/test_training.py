@@ -103,6 +103,10 @@ def test_resumed_run_continues_the_same_wandb_run(make_config, tmp_path, monkeyp
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({run.name.rsplit("-", 1)[1] for run in runs}) == 1, runs
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]  # logging_steps 1: one JSONL file, both jobs
+    # A new run in the same directory (overwrite_output_dir) starts a new W&B run and a new metrics file.
+    train(make_config({"training": {"loss_type": "standard", "max_steps": 1, **tracking, "overwrite_output_dir": True}},
+                      out))
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 3 and [r["step"] for r in read_metrics(out)] == [1]
 
 
 def test_existing_checkpoints_need_resume_or_overwrite(make_config, tmp_path):
