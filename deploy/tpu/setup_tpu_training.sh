@@ -28,8 +28,9 @@ export TENSORCORES_PER_DEVICE="${TENSORCORES_PER_DEVICE:-2}" # v4 (megacore): on
 export GLOBAL_BATCH="${GLOBAL_BATCH:-1024}"           # sequences per optimizer step, over the whole slice
 export PER_DEVICE_BATCH="${PER_DEVICE_BATCH:-4}"
 export CONFIG_FILE="${CONFIG_FILE:-config_tinyllama_tpuv4.yaml}"
-# SlimPajama-627B is terabytes: the run reads the 6B-token sample unless you point it elsewhere.
-export DATASET="${DATASET:-DKYoon/SlimPajama-6B}"
+# SlimPajama-627B, streamed (data.streaming): nothing is downloaded or tokenised ahead, memory does not grow with it.
+export DATASET="${DATASET:-cerebras/SlimPajama-627B}"
+export SEQ_LEN="${SEQ_LEN:-2048}"
 
 QR_NAME="${TPU_NAME}-qr"
 REMOTE_DIR="sdce"
@@ -43,6 +44,8 @@ tpu_ssh() {  # tpu_ssh WORKER COMMAND
 write_config() {
   local path="$CONFIG_FILE" devices=$((TENSORCORES_PER_HOST / TENSORCORES_PER_DEVICE * NUM_HOSTS))
   local accumulation=$((GLOBAL_BATCH / (PER_DEVICE_BATCH * devices)))
+  # One pass over SlimPajama's ~627B tokens at GLOBAL_BATCH x SEQ_LEN tokens a step (a stream has no length).
+  local steps=${MAX_STEPS:-$((627000000000 / (GLOBAL_BATCH * SEQ_LEN)))}
   if ((PER_DEVICE_BATCH * devices * accumulation != GLOBAL_BATCH)); then
     echo "GLOBAL_BATCH=${GLOBAL_BATCH} is not a multiple of PER_DEVICE_BATCH=${PER_DEVICE_BATCH} x ${devices} devices" >&2
     return 1
@@ -62,13 +65,14 @@ surrogate:
   loss_weight_final: 0.0
 data:
   dataset_name: ${DATASET}
-  max_seq_length: 2048
+  streaming: true
+  max_seq_length: ${SEQ_LEN}
   num_workers: 2
 training:
   device: tpu
   tpu_cores: ${TENSORCORES_PER_HOST}       # ${NUM_HOSTS} hosts x $((TENSORCORES_PER_HOST / TENSORCORES_PER_DEVICE)) devices = ${devices} data-parallel ranks
   tpu_num_hosts: ${NUM_HOSTS}
-  num_epochs: 1
+  max_steps: ${steps}                     # ${GLOBAL_BATCH} x ${SEQ_LEN} tokens a step: one pass over 627B tokens
   per_device_train_batch_size: ${PER_DEVICE_BATCH}          # x ${devices} devices x ${accumulation} accumulation = ${GLOBAL_BATCH} sequences per step
   gradient_accumulation_steps: ${accumulation}
   learning_rate: 3e-4

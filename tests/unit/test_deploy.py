@@ -43,6 +43,9 @@ def test_setup_script_config_is_a_valid_tpu_v4_32_run(tmp_path):
     assert cfg.training.per_device_train_batch_size * devices * cfg.training.gradient_accumulation_steps == 1024
     assert "x 16 devices x 16 accumulation = 1024 sequences per step" in path.read_text()
     assert cfg.data.max_seq_length == 2048 and cfg.surrogate.name_or_path == "Qwen/Qwen2.5-1.5B"
+    assert cfg.data.dataset_name == "cerebras/SlimPajama-627B" and cfg.data.streaming
+    assert cfg.model.name_or_path.startswith("TinyLlama/TinyLlama-1.1B")
+    assert cfg.training.max_steps * 1024 * 2048 == pytest.approx(627e9, rel=1e-3)  # one pass over the corpus
 
 
 def test_setup_script_keeps_secrets_off_command_lines():
