@@ -30,8 +30,8 @@ rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip install -q --no-input "$@"; }
 
-# 1. The two pinned wheels, without their dependency lists (torch's names nvidia-* wheels).
-pip --no-deps torch==2.9.0 torch_xla==2.9.0
+# 1. The pinned wheels, without their dependency lists (torch's names nvidia-* wheels; torchdata's names torch).
+pip --no-deps torch==2.9.0 torch_xla==2.9.0 torchdata==0.11.0
 # 2. Their pure-Python dependencies (torch: filelock ... fsspec; torch_xla: absl-py ... requests).
 pip filelock "typing-extensions>=4.10" "sympy>=1.13.3" "networkx>=2.5.1" jinja2 "fsspec>=0.8.5" \
     "absl-py>=1.0" numpy pyyaml requests

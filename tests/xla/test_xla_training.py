@@ -129,3 +129,15 @@ def test_readme_single_host_command_runs(base_dir, surrogate_dir, train_file, tm
     assert "using 2" in done.stderr  # the dataloader workers are capped on TPU
     assert "surrogate validated for xla" in done.stderr
     assert (out / "checkpoint-3" / "model.safetensors").is_file()
+
+
+def test_xla_trains_from_a_stream(make_config, train_file, tmp_path):
+    """--streaming on XLA: blocks tokenised in the loader, through the device loader; the same steps as on the CPU."""
+    common = {"loss_type": "surrogate", "max_steps": 4, "per_device_train_batch_size": 2}
+    data = {"streaming": True, "stream_batch_documents": 16}
+    cpu = train(make_config({"data": data, "training": {**common, "device": "cpu"}}, tmp_path / "cpu"))
+    xla = train(make_config({"data": data, "training": {**common, "device": "tpu", "tpu_cores": 1}}, tmp_path / "xla"))
+    assert [h["step"] for h in xla.history] == [1, 2, 3, 4]
+    for a, b in zip(cpu.history, xla.history):
+        _close(a, b)
+    assert xla.history[-1]["tokens_seen"] == 4 * 2 * 32
