@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,8 @@ from trainer.schedules import surrogate_weight
 from trainer.tracking import NullTracker, Tracker
 
 log = logging.getLogger("trainer")
+# torchdata 0.11's StatefulDataLoader calls a torch API that torch has deprecated, at every iterator: not ours to fix.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 
 @dataclass
