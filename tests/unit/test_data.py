@@ -291,3 +291,58 @@ def test_vocabulary_beyond_uint16(tmp_path: Path) -> None:
     train, _ = data.build_lm_datasets(cfg, big, seed=0)
     assert train[0]["input_ids"].tolist() == [65535, 65536, 3, 69998]
     assert train[0]["labels"].tolist() == [65536, 3, 69998, 69999]
+
+
+def test_inputs_and_labels_are_two_views_of_one_token_buffer(tmp_path: Path, tokenizer) -> None:
+    """The map path holds the token stream once (4 bytes a token), not inputs and labels as two copies."""
+    path = write_jsonl(tmp_path / "train.jsonl", DOCS * 4)
+    train, _ = data.build_lm_datasets(DataConfig(train_file=str(path), eval_file=str(path), max_seq_length=5),
+                                      tokenizer, seed=0)
+    inputs, labels = (train.data.column(name).chunk(0).values for name in ("input_ids", "labels"))
+    token = inputs.type.byte_width
+    # The same memory, one token apart (zero-copy views of the stream), not a second array.
+    assert labels.buffers()[1].address + labels.offset * token == inputs.buffers()[1].address + (inputs.offset + 1) * token
+
+
+# -- streaming ------------------------------------------------------------------------------------
+def stream_rows(stream: datasets.IterableDataset) -> list[tuple[list[int], list[int]]]:
+    return [(row["input_ids"].tolist(), row["labels"].tolist()) for row in stream]
+
+
+def test_streamed_blocks_are_the_packing_reference_per_document_batch(tmp_path: Path, tokenizer) -> None:
+    docs = DOCS * 6
+    cfg = DataConfig(train_file=str(write_jsonl(tmp_path / "train.jsonl", docs)), streaming=True,
+                     eval_file=str(write_jsonl(tmp_path / "eval.jsonl", DOCS[2:5])), max_seq_length=8,
+                     stream_batch_documents=len(DOCS))
+    train, evaluation = data.build_streaming_datasets(cfg, tokenizer, seed=0, rank=0, world_size=1)
+    expected = []
+    for start in range(0, len(docs), len(DOCS)):  # each batch of documents packed on its own, its tail dropped
+        expected += reference_blocks(reference_stream(tokenizer, docs[start : start + len(DOCS)]), 8, False, pad=0)
+    assert stream_rows(train) == expected
+    map_eval = data.build_lm_datasets(DataConfig(train_file=cfg.train_file, eval_file=cfg.eval_file, max_seq_length=8),
+                                      tokenizer, seed=0)[1]
+    assert evaluation[:]["input_ids"].tolist() == map_eval[:]["input_ids"].tolist()  # eval: the map path's blocks
+
+
+def test_ranks_stream_disjoint_shards_that_cover_the_corpus(tmp_path: Path, tokenizer) -> None:
+    for shard in range(4):
+        write_jsonl(tmp_path / f"part-{shard}.jsonl", [f"{doc} {shard}" for doc in DOCS])
+    # One document per packing batch: the blocks do not depend on which documents a rank reads together.
+    cfg = DataConfig(train_file=str(tmp_path / "part-*.jsonl"), streaming=True, max_seq_length=4,
+                     eval_file=str(tmp_path / "part-0.jsonl"), stream_batch_documents=1)
+    everything = stream_rows(data.build_streaming_datasets(cfg, tokenizer, seed=0, rank=0, world_size=1)[0])
+    ranks = [stream_rows(data.build_streaming_datasets(cfg, tokenizer, seed=0, rank=r, world_size=2)[0])
+             for r in range(2)]
+    # Together the ranks hold each block as often as the one stream does: none read twice, none left out.
+    assert ranks[0] and ranks[1] and sorted(ranks[0] + ranks[1]) == sorted(everything)
+
+
+def test_held_out_documents_never_reach_training(tmp_path: Path, tokenizer) -> None:
+    docs = [f"Document number {i}: {DOCS[i % len(DOCS)]}" for i in range(200)]
+    cfg = DataConfig(train_file=str(write_jsonl(tmp_path / "train.jsonl", docs)), streaming=True,
+                     eval_split_ratio=0.2, max_seq_length=4, stream_batch_documents=1)
+    train, evaluation = data.build_streaming_datasets(cfg, tokenizer, seed=0, rank=0, world_size=1)
+    held_out = {doc for doc in docs if data._text_hash(doc) < 0.2 * 2**32}
+    assert 10 < len(held_out) < 80
+    trained = {tokenizer.decode(ids + labels[-1:]) for ids, labels in stream_rows(train)}
+    assert not any(doc in text for doc in held_out for text in trained) and len(evaluation) > 0
