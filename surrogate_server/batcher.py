@@ -94,11 +94,13 @@ class Job:
     permitted: Tensor | None = None  # bool [<= V]
     future: asyncio.Future[Result] | None = None
     enqueued: float = field(default_factory=time.perf_counter)
+    position_ids: Tensor | None = None  # [B, T] int64 (packed documents); None = 0..T-1
 
     @classmethod
     def make(cls, input_ids: Tensor, attention_mask: Tensor, k: int, permitted_key: str = "",
-             permitted: Tensor | None = None) -> Job:
-        return cls(input_ids.long(), attention_mask.long(), k, permitted_key, permitted)
+             permitted: Tensor | None = None, position_ids: Tensor | None = None) -> Job:
+        positions = None if position_ids is None else position_ids.long()
+        return cls(input_ids.long(), attention_mask.long(), k, permitted_key, permitted, position_ids=positions)
 
     @property
     def rows(self) -> int:
@@ -213,9 +215,15 @@ class DynamicBatcher:
         k = max(job.k for job in batch)
         input_ids = torch.cat([F.pad(job.input_ids, (0, length - job.length)) for job in batch])
         attention_mask = torch.cat([F.pad(job.attention_mask, (0, length - job.length)) for job in batch])
+        position_ids = None  # jobs without them get 0..T-1; the padding, masked anyway, counts on
+        if any(job.position_ids is not None for job in batch):
+            default = torch.arange(length)
+            position_ids = torch.cat([default.expand(job.rows, -1) if job.position_ids is None
+                                      else torch.cat([job.position_ids, default[job.length:].expand(job.rows, -1)], 1)
+                                      for job in batch])
         try:
             out = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._forward, input_ids, attention_mask, k, batch[0].permitted)
+                self._executor, self._forward, input_ids, attention_mask, k, batch[0].permitted, position_ids)
         except Exception as err:
             if len(batch) == 1:
                 if not batch[0].future.done():
@@ -237,9 +245,10 @@ class DynamicBatcher:
                                              compute_ms=compute_s * 1000, batch_requests=len(batch),
                                              batch_tokens=input_ids.numel()))
 
-    def _forward(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> TopK:
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None,
+                 position_ids: Tensor | None = None) -> TopK:
         """In the worker thread: the engine call, results moved to CPU (synchronises the device)."""
-        out = self._topk(input_ids, attention_mask, k, permitted)
+        out = self._topk(input_ids, attention_mask, k, permitted, position_ids=position_ids)
         return TopK(logprobs=out.logprobs.cpu(), ids=out.ids.cpu())
 
     def _bucket(self, job: Job) -> tuple[str, int]:

@@ -244,6 +244,7 @@ class RemoteSurrogate:
         k: int,
         permitted: torch.Tensor | None = None,
         logprob_floor: float | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> TopK:
         """Same contract as ``SurrogateEngine.topk``; the result is on the CPU.
 
@@ -267,6 +268,8 @@ class RemoteSurrogate:
                 logprob_floor=logprob_floor,
                 permitted_id=permitted_id,
             )
+            if position_ids is not None:
+                request.position_ids.CopyFrom(codec.pack(position_ids[start:stop], pb.INT32))
             parts.append(self._request_topk(request, mask, permitted_id, k))
         if len(parts) == 1:
             return parts[0]

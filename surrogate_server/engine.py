@@ -123,6 +123,7 @@ class SurrogateEngine:
         k: int,
         permitted: Tensor | None = None,
         logprob_floor: float | None = None,
+        position_ids: Tensor | None = None,
     ) -> TopK:
         """Top-k permitted surrogate tokens per position, by full-vocabulary log-prob.
 
@@ -134,6 +135,8 @@ class SurrogateEngine:
             permitted: bool [<= vocab_size]; ids at or beyond its length are not
                 permitted. None permits every id.
             logprob_floor: ignored: nothing travels, and the caller selects candidates itself.
+            position_ids: [B, T] or None (``0..T-1``). Packed documents (data.document_mask): positions
+                restart at 0 where a document starts, and each position attends only within its document.
 
         Returns:
             TopK on ``self.device``. A position whose query attends to no key (every
@@ -141,9 +144,12 @@ class SurrogateEngine:
             non-finite, is an empty row.
         """
         self._validate(input_ids, attention_mask, k, permitted)
+        if position_ids is not None and position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape "
+                             f"{tuple(input_ids.shape)}")
         started = time.perf_counter()
         with self._lock, (torch.no_grad() if self.lazy else torch.inference_mode()):
-            out = self._compute_topk(input_ids, attention_mask, k, permitted)
+            out = self._compute_topk(input_ids, attention_mask, k, permitted, position_ids)
             self._requests += 1
             self._seconds += time.perf_counter() - started
         # Inference tensors cannot be saved for backward: clone outside inference mode so
@@ -223,7 +229,8 @@ class SurrogateEngine:
         return moved
 
     # -- the computation ---------------------------------------------------------------------
-    def _compute_topk(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None) -> TopK:
+    def _compute_topk(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None,
+                      position_ids: Tensor | None = None) -> TopK:
         """The computation behind :meth:`topk`, on validated inputs (under its lock and no-grad mode)."""
         batch, length = input_ids.shape
         if batch * length == 0:
@@ -231,7 +238,12 @@ class SurrogateEngine:
                         ids=torch.full((batch, length, k), -1, dtype=torch.long, device=self.device))
         input_ids = input_ids.to(self.device, torch.long)
         attention_mask = attention_mask.to(self.device, torch.long)
-        hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        if position_ids is None:
+            hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        else:  # documents: a ready mask with one causal block per document, and their own positions
+            decoder = self._decoder if isinstance(self._decoder, _BoolMaskDecoder) else _BoolMaskDecoder(self._decoder)
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             position_ids=position_ids.to(self.device, torch.long))[0]
         hidden = hidden.reshape(batch * length, -1)  # [N, H]
         forbidden = None  # [V] bool: not permitted, which every id past len(permitted) is
         if permitted is not None:
@@ -320,13 +332,18 @@ class _BoolMaskDecoder(nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                **kwargs: Any) -> Any:
         length = input_ids.shape[1]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
         itself = torch.eye(length, dtype=torch.bool, device=input_ids.device)
         allowed = causal & attention_mask.bool()[:, None, None, :]
+        if position_ids is not None:  # a document starts where its position is 0; keys of other documents are out
+            document = (position_ids == 0).cumsum(-1)
+            allowed = allowed & (document[:, None, :, None] == document[:, None, None, :])
+            kwargs["position_ids"] = position_ids
         mask = allowed | (itself & ~allowed.any(-1, keepdim=True))
         return self.decoder(input_ids=input_ids, attention_mask=mask, **kwargs)
 

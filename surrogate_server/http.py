@@ -55,7 +55,8 @@ _HTTP_STATUS = {
     grpc.StatusCode.CANCELLED: 499,  # the client went away (nginx's code); nobody reads the answer
 }
 _TENSOR_KEYS = {"dtype", "shape", "data"}
-_REQUEST_TENSORS = {pb.TopKRequest: ("input_ids", "attention_mask"), pb.RegisterPermittedRequest: ("mask",)}
+_REQUEST_TENSORS = {pb.TopKRequest: ("input_ids", "attention_mask", "position_ids"),
+                    pb.RegisterPermittedRequest: ("mask",)}
 
 
 def build_app(state: ServingCore) -> FastAPI:

@@ -390,6 +390,15 @@ class ServingCore:
                 raise invalid("attention_mask must hold only 0 and 1")
         else:
             mask = np.ones(ids.shape, np.int64)
+        positions = None
+        if request.HasField("position_ids"):
+            positions = _unpack(request.position_ids, "position_ids", dtypes=(pb.INT32, pb.INT64), ndim=2)
+            if positions.shape != ids.shape:
+                raise invalid(f"position_ids shape {list(positions.shape)} must equal input_ids shape {list(ids.shape)}")
+            if positions.min() < 0 or positions.max() >= length:
+                raise invalid(f"position_ids must lie in [0, T = {length}), got values in "
+                              f"[{int(positions.min())}, {int(positions.max())}]")
+            positions = torch.from_numpy(positions.astype(np.int64))
         if not 1 <= request.k <= self.config.max_k:
             raise invalid(f"k must be in [1, max_k = {self.config.max_k}], got {request.k}")
         if request.HasField("logprob_floor") and math.isnan(request.logprob_floor):
@@ -403,7 +412,7 @@ class ServingCore:
                                    "again and retry")
             self._permitted.move_to_end(request.permitted_id)
         return Job.make(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)),
-                        request.k, request.permitted_id, permitted)
+                        request.k, request.permitted_id, permitted, positions)
 
     def _build_info(self) -> pb.InfoResponse:
         info, spec = self.engine.info(), self._spec

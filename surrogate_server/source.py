@@ -58,7 +58,7 @@ class SurrogateSource(Protocol):
     """A guidance provider; every method may be called from several threads."""
 
     def topk(self, input_ids: Tensor, attention_mask: Tensor, k: int, permitted: Tensor | None = None,
-             logprob_floor: float | None = None) -> TopK:
+             logprob_floor: float | None = None, position_ids: Tensor | None = None) -> TopK:
         """Top-k permitted surrogate ids per position (contract: ``SurrogateEngine.topk``).
 
         Entries below ``logprob_floor`` need not be returned (a transport saving): the

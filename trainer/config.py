@@ -125,6 +125,11 @@ class DataConfig:
         "tokenised and packed on the fly in the loader's workers, sharded over ranks, resumed from its saved "
         "position; memory does not grow with the corpus. Needs max_steps.",
     )
+    document_mask: bool = option(
+        False,
+        "Attention stays within each document of a packed block: position ids restart after every EOS, which "
+        "transformers' causal mask turns into one block per document (the surrogate's input follows the same rule).",
+    )
     stream_batch_documents: int = option(
         1000, "streaming: documents tokenised and packed together; each such batch drops its last partial block."
     )

@@ -31,6 +31,8 @@ import datasets.distributed
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
+import torch.utils.data
 from datasets.exceptions import DatasetNotFoundError
 from datasets.fingerprint import Hasher
 from huggingface_hub.errors import LocalEntryNotFoundError
@@ -364,3 +366,32 @@ def _stream_eval_set(held_out: datasets.IterableDataset, cfg: DataConfig, pack: 
     inputs, labels = pack_blocks(np.array(tokens, dtype=np.int32), cfg.max_seq_length, keep_tail=True, pad_id=pad_id)
     recipe = [cfg.dataset_name, cfg.train_file, cfg.eval_file, tokenizer_fingerprint(pack["tokenizer"]), limit]
     return _blocks_dataset(inputs[:limit], labels[:limit], "eval", recipe).with_format("torch")
+
+
+# -- document masking -----------------------------------------------------------------
+def document_positions(input_ids: torch.Tensor, boundary: torch.Tensor) -> torch.Tensor:
+    """[B, T] position ids that restart at 0 after every boundary token (``boundary`` [B, T] bool: the EOS).
+
+    Given as ``position_ids`` (no attention mask, no cache), transformers' causal mask keeps each
+    query within its own document (``masking_utils.find_packed_sequence_indices``); the boundary
+    belongs to the document it ends.
+    """
+    length = input_ids.shape[-1]
+    index = torch.arange(length, device=input_ids.device).expand_as(input_ids)
+    starts = torch.zeros_like(boundary)
+    starts[:, 1:] = boundary[:, :-1]
+    start_of_document = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values
+    return index - start_of_document
+
+
+class DocumentPositions:
+    """A DataLoader ``collate_fn`` adding ``position_ids`` per document (data.document_mask) to another's batches."""
+
+    def __init__(self, eos_id: int, collate: Any = None):
+        self.eos_id = eos_id
+        self.collate = collate or torch.utils.data.default_collate
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = dict(self.collate(rows))
+        batch["position_ids"] = document_positions(batch["input_ids"], batch["input_ids"] == self.eos_id)
+        return batch

@@ -31,6 +31,7 @@ from torch.utils.data import default_collate
 from surrogate_server.source import SurrogateSource, SurrogateUnavailable
 from surrogate_server.vocabulary import VocabularySpec
 from trainer.alignment import ByteAligner, VocabAlignment
+from trainer.data import document_positions
 from trainer.losses import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,10 @@ class Guide:
         placeholder: int = 0,
         on_failure: str = "fail",
         inputs: SurrogateInputs | None = None,
+        document_end: int | None = None,
     ):
+        """``document_end``: the base id that ends a document (EOS) when attention stays within documents
+        (data.document_mask): the surrogate then reads each document on its own too."""
         self.source = source
         self.alignment = alignment
         self.inputs = inputs  # the training loader's collate_fn with alignment: bytes; None for tokens
@@ -237,6 +241,15 @@ class Guide:
         self.wait_seconds = 0.0  # time guided_batches' caller blocked on guidance (not on data), cumulative
         self._count_lock = threading.Lock()
         self._on_device: dict[torch.device, VocabAlignment] = {}
+        self.document_end = document_end
+        # With byte alignment a base EOS reaches the surrogate as its partner token (align_vocabularies' pairing).
+        self.surrogate_document_end = None
+        if document_end is not None and inputs is not None:
+            partner = int(alignment.base_to_surrogate[document_end])
+            if partner < 0:
+                raise ValueError("data.document_mask needs the base's EOS to have a surrogate counterpart (none "
+                                 "maps): turn document_mask off, or use surrogate.alignment tokens")
+            self.surrogate_document_end = partner
 
     def _alignment_on(self, device: torch.device) -> VocabAlignment:
         if device not in self._on_device:
@@ -253,7 +266,14 @@ class Guide:
             s_ids, s_mask = batch["surrogate_ids"], batch["surrogate_mask"]
         else:
             s_ids, s_mask = surrogate_inputs(batch["input_ids"], here, self.placeholder)
-        top = self.source.topk(s_ids, s_mask, self.request_k, here.permitted, self.logprob_floor)
+        positions = None
+        if self.document_end is not None:  # the surrogate's positions restart with each document, as the base's
+            if "guide_index" in batch:  # its own tokenization: documents end at the EOS's partner
+                ends = s_ids == self.surrogate_document_end
+            else:  # id by id: position for position
+                ends = batch["input_ids"] == self.document_end
+            positions = document_positions(s_ids, ends)
+        top = self.source.topk(s_ids, s_mask, self.request_k, here.permitted, self.logprob_floor, position_ids=positions)
         top_ids, top_logprobs = top.ids, top.logprobs
         if "guide_index" in batch:
             top_ids, top_logprobs = at_base_positions(top_ids, top_logprobs, batch["guide_index"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -67,9 +68,10 @@ class HiddenStates(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # No use_cache=False: as the LM's own forward, so nothing differs (on XLA it costs a host read per call).
-        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        # No use_cache=False unless asked (position ids per document): as the LM's own forward, so nothing
+        # differs (on XLA it costs a host read per call).
+        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
 
     @property
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -130,7 +132,8 @@ def build_guide(config: TrainConfig, tokenizer, device: torch.device, sample_tex
         return None
     source = connect_surrogate(config.surrogate, device)
     return guide_for(source, config.surrogate, tokenizer, loss_type=config.training.loss_type,
-                     max_seq_length=config.data.max_seq_length, sample_text=sample_text)
+                     max_seq_length=config.data.max_seq_length, sample_text=sample_text,
+                     document_mask=config.data.document_mask)
 
 
 def guide_for(
@@ -141,6 +144,7 @@ def guide_for(
     loss_type: str,
     max_seq_length: int,
     sample_text: str | None = None,
+    document_mask: bool = False,
 ) -> Guide:
     """The guidance of ``source`` for blocks of ``max_seq_length`` base tokens, as ``cfg`` sets it up."""
     spec = source.vocabulary()
@@ -159,5 +163,6 @@ def guide_for(
         placeholder=placeholder_id(spec),
         on_failure=cfg.on_failure,
         inputs=inputs,
+        document_end=tokenizer.eos_token_id if document_mask else None,
     )
 

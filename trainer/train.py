@@ -27,7 +27,7 @@ from trainer.checkpoint import (Progress, checkpoints, latest_checkpoint, load_c
                                 remove_checkpoint, resolve_resume, save_checkpoint)
 from surrogate_server.source import SurrogateUnavailable
 from trainer.config import TrainConfig, TrainingConfig
-from trainer.data import build_lm_datasets, build_streaming_datasets
+from trainer.data import DocumentPositions, build_lm_datasets, build_streaming_datasets
 from trainer.device import Backend, main_process_first
 from trainer.guidance import Batch, Guide, guided_batches
 from trainer.losses import IGNORE_INDEX, fused_sdce_loss, sdce_loss
@@ -217,15 +217,23 @@ class Trainer:
             shuffle=True, seed=cfg.seed, drop_last=True,
         )
         sampler.set_epoch(epoch)
-        inputs = self.guide.inputs if self.guide is not None else None  # byte-aligned surrogate input, in the workers
-        return self._loader(self.train_set, sampler, cfg.per_device_train_batch_size, drop_last=True, collate_fn=inputs)
+        return self._loader(self.train_set, sampler, cfg.per_device_train_batch_size, drop_last=True,
+                            collate_fn=self._collate(train=True))
 
     def _eval_loader(self) -> DataLoader:
         """This rank's share of the eval blocks: every block counted once over all ranks, none repeated."""
         cfg = self.config.training
         share = Subset(self.eval_set, range(self.backend.rank, len(self.eval_set), self.backend.world_size))
         batch_size = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
-        return self._loader(share, None, batch_size, drop_last=False)
+        return self._loader(share, None, batch_size, drop_last=False, collate_fn=self._collate(train=False))
+
+    def _collate(self, *, train: bool) -> Any:
+        """The loaders' collate_fn, run in their workers: the byte-aligned surrogate input (training batches) and
+        the per-document position ids (data.document_mask); None: torch's default."""
+        collate = self.guide.inputs if train and self.guide is not None else None
+        if self.config.data.document_mask:
+            collate = DocumentPositions(self.tokenizer.eos_token_id, collate)
+        return collate
 
     def _stream_loader(self, epoch: int) -> StatefulDataLoader:
         """This rank's stream of training blocks; ``state_dict()`` after a batch is the position to resume from."""
@@ -237,7 +245,7 @@ class Trainer:
             drop_last=True,
             num_workers=self.backend.dataloader_workers(self.config.data.num_workers),
             pin_memory=self.backend.kind == "cuda",
-            collate_fn=self.guide.inputs if self.guide is not None else None,
+            collate_fn=self._collate(train=True),
             generator=torch.Generator().manual_seed(cfg.seed),
         )
 
@@ -372,6 +380,8 @@ class Trainer:
     def _loss(self, forward: torch.nn.Module, batch: Batch, **loss_args: Any) -> tuple[torch.Tensor, dict]:
         """The SDCE loss of a batch: fused from the hidden states (``forward`` ends there), else from the logits."""
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        if "position_ids" in batch:  # data.document_mask: no cache, so transformers masks by document
+            inputs.update(position_ids=batch["position_ids"], use_cache=False)
         candidates = (batch["labels"], batch.get("cand_ids"), batch.get("cand_logprobs"))
         if self.hidden is not None:
             weight, bias = self.hidden.head

@@ -61,7 +61,7 @@ def config_for(base_dir, surrogate_dir, train_file):
     guided_share > 0 must tell guided steps from skipped ones.
     """
 
-    def make(output_dir: Path, surrogate: dict | None = None, training: dict | None = None):
+    def make(output_dir: Path, surrogate: dict | None = None, training: dict | None = None, data: dict | None = None):
         defaults = {
             "model": {"name_or_path": str(base_dir)},
             "surrogate": {"name_or_path": str(surrogate_dir), "k": 8, "probability_threshold": 0.0,
@@ -71,7 +71,7 @@ def config_for(base_dir, surrogate_dir, train_file):
                          "learning_rate": 3e-3, "logging_steps": 1, "save_steps": None, "progress_bar": False,
                          "device": "cpu"},
         }
-        return build_config(merge(defaults, {"surrogate": surrogate or {}, "training": training or {}}))
+        return build_config(merge(defaults, {"surrogate": surrogate or {}, "training": training or {}, "data": data or {}}))
 
     return make
 
@@ -301,3 +301,17 @@ def test_a_token_ending_in_a_newline_works_on_both_sides(surrogate_dir, tmp_path
                 assert client.topk(ids, torch.ones_like(ids), 4).ids.shape == (1, 8, 4)
     finally:
         secured.kill()
+
+
+@pytest.mark.parametrize("alignment", ["bytes", "tokens"])
+def test_document_mask_trains_alike_in_process_and_remote(config_for, server, tmp_path, alignment):
+    """data.document_mask: the base's positions and the surrogate's (sent as position_ids) restart per document."""
+    common = {"data": {"document_mask": True}, "training": {"max_steps": 3}}
+    surrogate = {"alignment": alignment}
+    local = train(config_for(tmp_path / "local", surrogate=surrogate, **common))
+    remote_run = train(config_for(tmp_path / "remote", surrogate=remote(server, **surrogate), **common))
+    assert_same_losses(remote_run.history, local.history)
+    unmasked = train(config_for(tmp_path / "unmasked", surrogate=surrogate, training={"max_steps": 3}))
+    # Blocks holding a document boundary read differently: the base's and the surrogate's terms both move.
+    assert any(a["ce"] != b["ce"] for a, b in zip(local.history, unmasked.history))
+    assert any(a["surrogate_term"] != b["surrogate_term"] for a, b in zip(local.history, unmasked.history))

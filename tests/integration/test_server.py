@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import inspect
 import json
 import math
@@ -193,6 +194,29 @@ def test_topk_equals_the_engine_in_process(stub: pb_grpc.SurrogateStub, engine: 
     assert_matches_engine(response, engine, ids, 9, mask, permitted, floor)
     plain = stub.TopK(topk_request(ids, k=MAX_K), metadata=AUTH, timeout=10)
     assert_matches_engine(plain, engine, ids, MAX_K)
+
+
+def test_packed_documents_through_the_server(stub: pb_grpc.SurrogateStub, engine: SurrogateEngine,
+                                            server: ServerProcess) -> None:
+    """position_ids on the wire: each document read alone, also batched with a request that has none."""
+    ids = random_ids((2, 12), seed=5)
+    positions = np.stack([np.r_[np.arange(5), np.arange(7)], np.r_[np.arange(9), np.arange(3)]])
+    request = topk_request(ids, k=6)
+    request.position_ids.CopyFrom(codec.pack(positions.astype(np.int32)))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # one forward batch, likely: padding and defaults mixed
+        packed = pool.submit(stub.TopK, request, metadata=AUTH, timeout=10)
+        plain = pool.submit(stub.TopK, topk_request(random_ids((1, 7), seed=6), k=6), metadata=AUTH, timeout=10)
+        response = packed.result()
+        assert_matches_engine(plain.result(), engine, random_ids((1, 7), seed=6), 6)
+    top = engine.topk(torch.from_numpy(ids), torch.ones(2, 12, dtype=torch.long), 6,
+                      position_ids=torch.from_numpy(positions))
+    logprobs, out_ids = decoded(response, 6)
+    assert torch.equal(out_ids, top.ids)
+    torch.testing.assert_close(logprobs, top.logprobs, rtol=0, atol=1e-5)
+    request.position_ids.CopyFrom(codec.pack(np.full((2, 12), 12, dtype=np.int32)))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.TopK(request, metadata=AUTH, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "position_ids" in err.value.details()
 
 
 def test_stream_answers_each_request_and_fails_only_the_bad_one(stub: pb_grpc.SurrogateStub,

@@ -279,3 +279,20 @@ def test_lm_head_sees_at_most_chunk_tokens_rows_and_full_forward_is_not_called(
         head_hook.remove()
         full_hook.remove()
     assert rows == [4, 4, 4, 4, 2]
+
+
+def test_packed_documents_read_each_document_alone(model: PreTrainedModel) -> None:
+    """position_ids restarting at a document's start: the second document's top-k is what it gets alone."""
+    engine = SurrogateEngine(model, chunk_tokens=7)
+    first, second = torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 6))
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(5), torch.arange(6)]).unsqueeze(0)
+    mask = torch.ones_like(packed)
+    mask[0, 7] = 0  # a hole inside the second document: the same hole alone
+    together = engine.topk(packed, mask, 4, position_ids=positions)
+    alone = engine.topk(second, mask[:, 5:], 4)
+    torch.testing.assert_close(together.logprobs[:, 5:], alone.logprobs, rtol=0, atol=1e-5)
+    unmasked = engine.topk(packed, mask, 4)  # without positions the second document sees the first
+    assert not torch.allclose(unmasked.logprobs[:, 5:], alone.logprobs, atol=1e-3)
+    with pytest.raises(ValueError, match="position_ids shape"):
+        engine.topk(packed, mask, 4, position_ids=positions[:, :3])

@@ -125,20 +125,22 @@ class RegisterPermittedResponse(_message.Message):
     def __init__(self, permitted_id: _Optional[str] = ..., permitted_count: _Optional[int] = ...) -> None: ...
 
 class TopKRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "attention_mask", "k", "logprob_floor", "permitted_id")
+    __slots__ = ("request_id", "input_ids", "attention_mask", "k", "logprob_floor", "permitted_id", "position_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FLOOR_FIELD_NUMBER: _ClassVar[int]
     PERMITTED_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: Tensor
     attention_mask: Tensor
     k: int
     logprob_floor: float
     permitted_id: str
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., logprob_floor: _Optional[float] = ..., permitted_id: _Optional[str] = ...) -> None: ...
+    position_ids: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., logprob_floor: _Optional[float] = ..., permitted_id: _Optional[str] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "compute_ms", "batch_requests", "batch_tokens")
