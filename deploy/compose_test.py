@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -317,11 +318,13 @@ def verify_run(records: list[dict]) -> str:
     reregistered = sum(r.get("guidance_reregistrations", 0) for r in trained)
     if reregistered < 1:
         raise RuntimeError("the restarted server forgot the permitted set, yet the client never registered it again")
-    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    evals = [r["eval/loss"] for r in records if "eval/loss" in r]
+    if not evals or not math.isfinite(evals[-1]):
+        raise RuntimeError(f"the run logged no finite eval/loss (got {evals}): its final evaluation failed")
     return (f"{len(trained)} steps: {before} guided, then {skipped} without guidance (skipped), {after} guided after "
             f"the restart; "
             f"unguided_batches {unguided}, permitted set re-registered {reregistered}x, "
-            f"eval_loss {evals[-1] if evals else float('nan'):.3f}")
+            f"eval loss {evals[-1]:.3f}")
 
 
 def run_stack(compose: list[str]) -> str:
