@@ -114,6 +114,7 @@ def select_candidates(
     threshold: float,
     exclude_target: bool = True,
     ignore_index: int = IGNORE_INDEX,
+    stages: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pick the candidate set C_t of every position from the surrogate's top-K' (docs/method.md §3).
 
@@ -130,6 +131,9 @@ def select_candidates(
         alignment: provides `base_to_surrogate` [V_b] and `surrogate_to_base` [V_s].
         k: candidates per position, 1 <= k <= K'.
         threshold: probability floor in [0, 1); 0 keeps every permitted id.
+        stages: filled, when given, with how many labelled positions keep at least one id after each
+            rule (0-dim tensors, no host sync): labelled, proposed (any entry), permitted, above_threshold,
+            kept (what diagnostics read to say which setting removed the candidates).
 
     Returns:
         cand_ids [B, T, k] long base ids (-1 empty), cand_logprobs [B, T, k]
@@ -145,12 +149,19 @@ def select_candidates(
     base_ids = s2b[ids.clamp(min=0)]
     # Round trip: with duplicate tokens only the representative survives, so base ids stay distinct.
     permitted = (ids >= 0) & (base_ids >= 0) & (b2s[base_ids.clamp(min=0)] == ids)
-    keep = permitted & (logprobs > -math.inf) & (labels != ignore_index).unsqueeze(-1)
+    labelled = (labels != ignore_index).unsqueeze(-1)
+    proposed = (ids >= 0) & (logprobs > -math.inf) & labelled
+    keep = permitted & proposed
+    after = {"labelled": labelled, "proposed": proposed, "permitted": keep}
     if threshold > 0.0:
         keep = keep & (logprobs >= math.log(threshold))
+    after["above_threshold"] = keep
     if exclude_target:
         target = b2s[labels.long().clamp(min=0)].unsqueeze(-1)  # [B, T, 1]
         keep = keep & (target >= 0) & (ids != target)
+    after["kept"] = keep
+    if stages is not None:
+        stages.update({name: mask.any(-1).sum().float() for name, mask in after.items()})
 
     cand_ids = _compact(base_ids, keep, k, fill=-1)
     cand_logprobs = _compact(logprobs, keep, k, fill=-math.inf)
@@ -197,6 +208,10 @@ class SurrogateInputs:
         seconds = time.perf_counter() - started
         return {"guided_share": counts.guided_share, "truncated_share": counts.truncated_share,
                 "tokens_per_s": input_ids.numel() / max(seconds, 1e-9)}
+
+
+# select_candidates' stages, in order: labelled positions keeping at least one id after each rule.
+CANDIDATE_STAGES = ("labelled", "proposed", "permitted", "above_threshold", "kept")
 
 
 def placeholder_id(spec: VocabularySpec) -> int:
@@ -256,10 +271,11 @@ class Guide:
             self._on_device[device] = self.alignment.to(device)
         return self._on_device[device]
 
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: Batch, stages: dict[str, Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch's candidates: cand_ids [B,T,k] long, cand_logprobs [B,T,k] float32 (on the source's device).
 
         Byte-aligned when the batch carries ``guide_index`` (from ``SurrogateInputs``), else id by id.
+        ``stages``: filled as ``select_candidates`` fills it.
         """
         here = self._alignment_on(batch["input_ids"].device)
         if "guide_index" in batch:
@@ -286,12 +302,14 @@ class Guide:
             self.k,
             self.threshold,
             exclude_target=self.exclude_target,
+            stages=stages,
         )
 
     def attach(self, batch: Batch) -> Batch:
         """The batch with its candidates; empty candidates (CE alone) when the surrogate is down and on_failure is skip."""
+        stages: dict[str, Tensor] = {}
         try:
-            cand_ids, cand_logprobs = self(batch)
+            cand_ids, cand_logprobs = self(batch, stages)
             self._guided_since_skip = True
         except SurrogateUnavailable as err:
             if self.on_failure != "skip":
@@ -306,7 +324,9 @@ class Guide:
             shape = (*batch["labels"].shape, self.k)
             cand_ids = torch.full(shape, -1, dtype=torch.long)
             cand_logprobs = torch.full(shape, float("-inf"), dtype=torch.float32)
-        return {**batch, "cand_ids": cand_ids, "cand_logprobs": cand_logprobs}
+            return {**batch, "cand_ids": cand_ids, "cand_logprobs": cand_logprobs}
+        counts = torch.stack([stages[name] for name in CANDIDATE_STAGES])
+        return {**batch, "cand_ids": cand_ids, "cand_logprobs": cand_logprobs, "candidate_stages": counts}
 
 
 def guided_batches(batches: Iterable[Batch], guide: Guide | None, prefetch_depth: int = 0) -> Iterator[Batch]:

@@ -56,7 +56,8 @@ log = logging.getLogger("trainer")
 
 _LOSS_OPTIONS = ("loss_type", "z_loss_multiplier", "fused_loss")  # of TrainingConfig; the rest is TrainingArguments'
 # What the collator and the guidance add to a batch for the loss, not for the model's forward.
-_SDCE_KEYS = frozenset({"labels", "cand_ids", "cand_logprobs", "surrogate_ids", "surrogate_mask", "guide_index"})
+_SDCE_KEYS = frozenset({"labels", "cand_ids", "cand_logprobs", "candidate_stages", "surrogate_ids", "surrogate_mask",
+                        "guide_index"})
 
 
 def _flat_name(field: dataclasses.Field) -> str:
@@ -261,11 +262,11 @@ class SDCETrainer(Trainer):
             logs.update({
                 "ce": totals["ce"] / max(steps, 1),
                 "surrogate_term": totals["surrogate_term"] / max(steps, 1),
-                "lambda": totals["lambda"] / max(totals["micro_batches"], 1.0),
                 "guided_share": totals["guided_positions"] / max(totals["labels"], 1.0),
             })
-            if self.guide is not None:
-                logs.update({"unguided_batches": float(self.guide.unguided_batches), **self.guide.source.stats()})
+            if self.guide is not None:  # a standard run has no lambda to log
+                logs.update({"lambda": totals["lambda"] / max(totals["micro_batches"], 1.0),
+                             "unguided_batches": float(self.guide.unguided_batches), **self.guide.source.stats()})
             self._sums, self._logged_at = {}, self.state.global_step
         super().log(logs, start_time)
 

@@ -29,7 +29,7 @@ from surrogate_server.source import SurrogateUnavailable
 from trainer.config import TrainConfig, TrainingConfig
 from trainer.data import DocumentPositions, build_lm_datasets, build_streaming_datasets
 from trainer.device import Backend, main_process_first
-from trainer.guidance import Batch, Guide, guided_batches
+from trainer.guidance import CANDIDATE_STAGES, Batch, Guide, guided_batches
 from trainer.losses import IGNORE_INDEX, fused_sdce_loss, sdce_loss
 from trainer.models import build_guide, hidden_states_of, load_base_model, load_tokenizer
 from trainer.schedules import surrogate_weight
@@ -90,6 +90,7 @@ class Trainer:
                 self.train_set, self.eval_set = build_lm_datasets(config.data, self.tokenizer, seed=cfg.seed)
         # streaming: the loader's position after each micro-batch drawn, in order (prefetching draws ahead);
         # the training loop takes them as it consumes the batches, and saves the last in the checkpoint.
+        self._starved = 0  # logging windows in a row with (almost) no guided position
         self._data_states: collections.deque[dict] = collections.deque()
         self.data_state: dict | None = None
         self.model = load_base_model(config.model, self.tokenizer, backend, weights_from=self.resume_from)
@@ -191,7 +192,7 @@ class Trainer:
             raise ValueError("the training stream yields no block: check the data, or lower --max_seq_length")
         return {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "labels")}
 
-    def _text_sample(self, blocks: int = 8) -> str:
+    def _text_sample(self, blocks: int = 64) -> str:
         """Some training text, decoded back from the first blocks (for the alignment coverage figure)."""
         return self.tokenizer.decode(self._first_blocks(blocks)["input_ids"].flatten().tolist())
 
@@ -303,7 +304,7 @@ class Trainer:
         cfg = self.config.training
         start = time.perf_counter()
         batches = self._batches()
-        window = MetricWindow(self.backend, z_loss=cfg.z_loss_multiplier > 0)
+        window = MetricWindow(self.backend, z_loss=cfg.z_loss_multiplier > 0, guided=self.guide is not None)
         history: list[dict[str, float]] = []
         bar = tqdm(
             total=self.plan.total_steps, initial=self.progress.step, disable=not (self.backend.is_main and cfg.progress_bar),
@@ -329,6 +330,7 @@ class Trainer:
                 record.update(self.backend.step_metrics())  # after the flush: its own graph counts too
                 history.append({"step": step, **record})
                 self.tracker.log(record, step)
+                self._diagnose(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.plan.total_steps:
                 self._evaluate_and_log(step)
@@ -359,6 +361,8 @@ class Trainer:
         for i, batch in enumerate(micro):
             with backend.no_sync(self.ddp_model, last_micro_batch=i == len(micro) - 1), backend.autocast():
                 batch = {k: v.to(backend.device, non_blocking=True) for k, v in batch.items()}
+                if "candidate_stages" in batch:
+                    window.add_stages(batch.pop("candidate_stages"))
                 loss, parts = self._loss(self.ddp_model, batch, loss_type=cfg.loss_type, surrogate_weight=lam,
                                          num_labels=num_labels, z_loss_multiplier=cfg.z_loss_multiplier)
             # DDP averages gradients over ranks; the loss is already a share of the global sum.
@@ -387,6 +391,18 @@ class Trainer:
             weight, bias = self.hidden.head
             return fused_sdce_loss(forward(**inputs), weight, *candidates, bias=bias, **loss_args)
         return sdce_loss(forward(**inputs).logits, *candidates, **loss_args)
+
+    def _diagnose(self, record: dict[str, float]) -> None:
+        """Warn when guidance has all but vanished for STARVED_WINDOWS logging windows in a row (then every 25th),
+        naming the setting that removed the candidates; quiet while the surrogate is down (that has its own)."""
+        if self.guide is None or "candidates_proposed" not in record:
+            return
+        starved = record["guided_share"] < STARVED_SHARE
+        self._starved = self._starved + 1 if starved else 0
+        if self._starved == STARVED_WINDOWS or (self._starved > STARVED_WINDOWS and self._starved % 25 == 0):
+            log.warning("guidance has vanished: %.2f%% of labelled positions got candidates in each of the last %d "
+                        "logging windows, so this run trains on cross-entropy alone. %s", 100 * record["guided_share"],
+                        self._starved, starvation_cause(record, self.config))
 
     def _guidance_wait(self) -> float:
         """Seconds the loop has spent blocked on guidance alone (not data), cumulative."""
@@ -476,8 +492,9 @@ class MetricWindow:
     GUIDANCE_MEANS = ("guidance_latency_ms_mean", "guidance_latency_ms_p50", "guidance_bytes_per_token",
                       "guidance_server_queue_ms", "guidance_server_compute_ms")
 
-    def __init__(self, backend: Backend, z_loss: bool = False):
+    def __init__(self, backend: Backend, z_loss: bool = False, guided: bool = True):
         self.backend = backend
+        self.guided = guided  # a standard run logs no lambda (its decay means nothing there)
         self.parts = ("ce", "aux", "guided_positions") + (("z_loss",) if z_loss else ())
         self.device = backend.device
         self._reset()
@@ -501,6 +518,10 @@ class MetricWindow:
                 self._add(name, parts[name])
         self.tokens += tokens
 
+    def add_stages(self, counts: torch.Tensor) -> None:
+        """A guided micro-batch's select_candidates stage counts (guidance.CANDIDATE_STAGES), on the device."""
+        self._add("stages", counts)
+
     def waited(self, seconds: float, on_guidance: float) -> None:
         """Time the loop spent blocked on the next micro-batches (data + guidance), and on guidance alone."""
         self.wait_seconds += seconds
@@ -518,17 +539,20 @@ class MetricWindow:
         ``guidance``: this rank's guidance statistics, logged for the whole job; ``extra``:
         values every rank shares (learning rate, epoch), logged as they are.
         """
-        names = sorted(self.sums)
+        names = sorted(name for name in self.sums if name != "stages")
         host = self._host_values(guidance or {})
-        stacked = torch.cat([torch.stack([self.sums[name] for name in names]),
+        stages = self.sums.get("stages", torch.zeros(len(CANDIDATE_STAGES), device=self.device))
+        stacked = torch.cat([torch.stack([self.sums[name] for name in names]), stages,
                              torch.tensor(host, device=self.device, dtype=torch.float32)])
         totals = self.backend.all_reduce_sum(stacked).tolist()
         values = dict(zip(names, totals))
+        stage_totals = dict(zip(CANDIDATE_STAGES, totals[len(names):]))
+        host_totals = totals[len(names) + len(CANDIDATE_STAGES):]
         for name in self.AVERAGED:
             values[name] /= self.backend.world_size
         elapsed = time.perf_counter() - self.started
         steps = max(self.steps, 1)
-        waits, guidance_stats = self._job_guidance(totals[len(names):])
+        waits, guidance_stats = self._job_guidance(host_totals)
         record = {
             "loss": values["loss"] / steps,
             "ce": values["ce"] / steps,
@@ -544,6 +568,11 @@ class MetricWindow:
         }
         if "z_loss" in values:
             record["z_loss"] = values["z_loss"] / steps
+        if not self.guided:
+            del record["lambda"]
+        if stage_totals["labelled"] > 0:  # shares of the guided batches' labelled positions after each rule
+            for name in CANDIDATE_STAGES[1:-1]:
+                record[f"candidates_{name}"] = stage_totals[name] / stage_totals["labelled"]
         self._reset()
         return record
 
@@ -571,6 +600,28 @@ class MetricWindow:
             if weight > 0:
                 stats[name] = weighted / weight
         return waits, stats
+
+
+STARVED_SHARE = 0.01  # guided share under which a logging window counts as starved of guidance
+STARVED_WINDOWS = 3  # starved windows in a row before the warning
+
+
+def starvation_cause(record: dict[str, float], config: TrainConfig) -> str:
+    """Which rule of docs/method.md §3 removed the candidates, from a logging record's stage shares, and what to change."""
+    scfg, threshold = config.surrogate, config.surrogate.probability_threshold
+    if record["candidates_proposed"] < STARVED_SHARE:
+        if scfg.endpoint and threshold > 0:
+            return (f"The server sent no proposal: all were below the floor it applies, probability_threshold="
+                    f"{threshold} (the surrogate is weak or untrained here). Lower --probability_threshold.")
+        return "The surrogate proposed nothing at these positions (all masked or non-finite): check its input."
+    if record["candidates_permitted"] < STARVED_SHARE:
+        return ("No proposal maps to a base token (the vocabularies barely overlap): check the tokenizer pair and "
+                "the alignment coverage logged at start.")
+    if record["candidates_above_threshold"] < STARVED_SHARE:
+        return (f"probability_threshold={threshold} removed them: the surrogate's probabilities are all below it "
+                "(weak or untrained here). Lower --probability_threshold.")
+    return ("Target exclusion removed them: the surrogate's only proposals above the threshold are the targets "
+            "themselves, which loss_type surrogate leaves out (docs/method.md §3); loss_type kl keeps them.")
 
 
 def _eval_names(metrics: dict[str, float]) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """A few real training steps on tiny models: each loss type, accumulation, resume, the CLI."""
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -25,10 +26,26 @@ def test_loss_falls(make_config, loss_type):
     assert result.eval_loss is not None and result.perplexity > 1
     guided = [h["guided_share"] for h in result.history]
     if loss_type == "standard":
-        assert all(g == 0 for g in guided)
+        assert all(g == 0 for g in guided) and not any("lambda" in h for h in result.history)
     else:
         assert all(0 < g <= 1 for g in guided)
         assert any(h["surrogate_term"] > 0 for h in result.history)
+
+
+def test_a_warning_names_the_setting_that_removed_every_candidate(make_config, caplog):
+    """The untrained surrogate's probabilities (about 1/700) all lie under a 0.02 threshold: guidance vanishes."""
+    starved = {"surrogate": {"probability_threshold": 0.02}, "training": {"max_steps": 4}}
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        result = train(make_config(starved))
+    warnings = [r.getMessage() for r in caplog.records if "guidance has vanished" in r.getMessage()]
+    assert len(warnings) == 1 and "probability_threshold=0.02 removed them" in warnings[0], warnings
+    assert all(h["guided_share"] == 0 and h["candidates_permitted"] > 0.5 for h in result.history)
+    assert all(h["candidates_above_threshold"] == 0 for h in result.history)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        healthy = train(make_config({"training": {"max_steps": 4}}))  # no threshold: every window guided
+    assert not [r for r in caplog.records if "guidance has vanished" in r.getMessage()]
+    assert all(h["guided_share"] > 0.5 for h in healthy.history)
 
 
 @pytest.mark.parametrize("loss_type", ["standard", "surrogate", "kl"])
