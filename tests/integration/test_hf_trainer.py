@@ -81,7 +81,7 @@ def test_remote_surrogate_trains_like_the_in_process_one(make_config, surrogate_
     server = ServerProcess(surrogate_dir, "--device", "cpu", "--dtype", "float32", cwd=ROOT,
                            env={"OMP_NUM_THREADS": "1"}).start()
     try:
-        trainer, remote = hf_run(config, None, tmp_path / "remote", surrogate_endpoint=server.grpc,
+        _, remote = hf_run(config, None, tmp_path / "remote", surrogate_endpoint=server.grpc,
                                  surrogate_prefetch_depth=2)
     finally:
         server.kill()
