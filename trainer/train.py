@@ -88,15 +88,17 @@ class Trainer:
                     config.data, self.tokenizer, seed=cfg.seed, rank=backend.rank, world_size=backend.world_size)
             else:
                 self.train_set, self.eval_set = build_lm_datasets(config.data, self.tokenizer, seed=cfg.seed)
+        self._starved = 0  # logging windows in a row with (almost) no guided position
         # streaming: the loader's position after each micro-batch drawn, in order (prefetching draws ahead);
         # the training loop takes them as it consumes the batches, and saves the last in the checkpoint.
-        self._starved = 0  # logging windows in a row with (almost) no guided position
         self._data_states: collections.deque[dict] = collections.deque()
         self.data_state: dict | None = None
         self.model = load_base_model(config.model, self.tokenizer, backend, weights_from=self.resume_from)
-        self.guide: Guide | None = build_guide(config, self.tokenizer, backend.device, self._text_sample())
+        # The first blocks, read once (from a stream too): the alignment's coverage text and its start-up figures.
+        sample = self._first_blocks(64)
+        text = self.tokenizer.decode(sample["input_ids"].flatten().tolist())
+        self.guide: Guide | None = build_guide(config, self.tokenizer, backend.device, text)
         if self.guide is not None and self.guide.inputs is not None:
-            sample = self._first_blocks(64)
             measured = self.guide.inputs.measure(sample["input_ids"], sample["labels"])
             log.info("byte alignment on %d blocks: %.1f%% of labelled positions guided, %.2f%% cut by the surrogate "
                      "length, %.0f base tokens/s", len(sample["input_ids"]), 100 * measured["guided_share"],
@@ -192,12 +194,9 @@ class Trainer:
             raise ValueError("the training stream yields no block: check the data, or lower --max_seq_length")
         return {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "labels")}
 
-    def _text_sample(self, blocks: int = 64) -> str:
-        """Some training text, decoded back from the first blocks (for the alignment coverage figure)."""
-        return self.tokenizer.decode(self._first_blocks(blocks)["input_ids"].flatten().tolist())
-
-    def _loader(self, dataset: Any, sampler: Any, batch_size: int, drop_last: bool, collate_fn: Any = None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Any, sampler: Any, batch_size: int, drop_last: bool, collate_fn: Any = None,
+                kind: type[DataLoader] = DataLoader) -> DataLoader:
+        return kind(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -239,16 +238,8 @@ class Trainer:
     def _stream_loader(self, epoch: int) -> StatefulDataLoader:
         """This rank's stream of training blocks; ``state_dict()`` after a batch is the position to resume from."""
         self.train_set.set_epoch(epoch)
-        cfg = self.config.training
-        return StatefulDataLoader(
-            self.train_set,
-            batch_size=cfg.per_device_train_batch_size,
-            drop_last=True,
-            num_workers=self.backend.dataloader_workers(self.config.data.num_workers),
-            pin_memory=self.backend.kind == "cuda",
-            collate_fn=self._collate(train=True),
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        return self._loader(self.train_set, None, self.config.training.per_device_train_batch_size, drop_last=True,
+                            collate_fn=self._collate(train=True), kind=StatefulDataLoader)
 
     def _stream_batches(self) -> Iterator[Batch]:
         """Streaming: micro-batches from the saved stream position on; at the stream's end, again from its start."""
