@@ -186,7 +186,8 @@ class RemoteSurrogate:
     def info(self) -> SurrogateInfo:
         """What the first server that answers runs (asked once)."""
         wire = self._wire_info()
-        return SurrogateInfo(wire.model_id, wire.vocab_size, wire.vocabulary_fingerprint, wire.dtype, wire.device)
+        return SurrogateInfo(wire.model_id, wire.vocab_size, wire.vocabulary_fingerprint, wire.dtype, wire.device,
+                             wire.weights_fingerprint)
 
     def _wire_info(self) -> pb.InfoResponse:
         """GetInfo of the first server that answers (cached after the first call)."""
@@ -313,12 +314,14 @@ class RemoteSurrogate:
         """Register the mask on ``ep``, first checking that ``ep`` (new to us, or restarted) serves our surrogate."""
         info = ep.stub.GetInfo(pb.InfoRequest(), **self._opts(deadline - time.monotonic()))
         expected = self._wire_info()
-        if (info.vocabulary_fingerprint, info.vocab_size) != (expected.vocabulary_fingerprint, expected.vocab_size):
+        served = (info.vocabulary_fingerprint, info.vocab_size, info.weights_fingerprint)
+        if served != (expected.vocabulary_fingerprint, expected.vocab_size, expected.weights_fingerprint):
             raise ValueError(
                 f"surrogate server {ep.address} serves {info.model_id!r} (vocabulary "
-                f"{info.vocabulary_fingerprint[:12]}, {info.vocab_size} ids), not the {expected.model_id!r} this run "
-                f"aligned with ({expected.vocabulary_fingerprint[:12]}, {expected.vocab_size} ids): every endpoint "
-                "must serve the same surrogate"
+                f"{info.vocabulary_fingerprint[:12]}, {info.vocab_size} ids, weights {info.weights_fingerprint[:12]}), "
+                f"not the {expected.model_id!r} this run aligned with ({expected.vocabulary_fingerprint[:12]}, "
+                f"{expected.vocab_size} ids, weights {expected.weights_fingerprint[:12]}): every endpoint must serve "
+                "the same surrogate"
             )
         response = ep.stub.RegisterPermitted(
             pb.RegisterPermittedRequest(mask=mask), **self._opts(deadline - time.monotonic())

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from protos.sdce.surrogate.v1 import surrogate_pb2 as pb
+from surrogate_server.source import compact_topk, expand_topk
 from surrogate_server.vocabulary import VocabularySpec
 
 # Wire dtype -> little-endian numpy dtype. BFLOAT16 has no numpy type: it travels as its
@@ -119,26 +120,12 @@ def counts_dtype(k: int) -> int:
 
 def encode_topk(logprobs: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor,
                 floor: float | None = None) -> tuple[pb.Tensor, pb.Tensor, pb.Tensor]:
-    """[B, T, k] log-probs and ids -> compact (counts [B, T], ids [N] INT32, logprobs [N] FLOAT32).
-
-    A slot is sent when its log-prob is finite, its id >= 0 and (given a floor) its log-prob
-    >= floor. Kept slots move to the front of their position in their original order, so
-    ``decode_topk`` restores the input exactly when empty slots form a suffix of each
-    position, as in ``SurrogateEngine.topk`` output (descending, empty slots last).
-    """
-    logprobs = _numpy(logprobs)
-    ids = _numpy(ids)
-    if logprobs.ndim != 3 or logprobs.shape != ids.shape:
-        raise ValueError(f"logprobs and ids must both be [B, T, k], got {logprobs.shape} and {ids.shape}")
-    keep = np.isfinite(logprobs) & (ids >= 0)
-    if floor is not None:
-        keep &= logprobs >= floor
-    counts = keep.sum(axis=-1)
-    if ids.size and ids.max(initial=0) > np.iinfo(np.int32).max:
-        raise ValueError(f"ids must fit in int32, got max {ids.max()}")
-    return (pack(counts, counts_dtype(logprobs.shape[-1])),
-            pack(ids[keep], pb.INT32),
-            pack(logprobs[keep], pb.FLOAT32))
+    """[B, T, k] log-probs and ids -> compact (counts [B, T], ids [N] INT32, logprobs [N] FLOAT32) messages:
+    the slots :func:`compact_topk` keeps."""
+    if _numpy(logprobs).ndim != 3 or logprobs.shape != ids.shape:
+        raise ValueError(f"logprobs and ids must both be [B, T, k], got {tuple(logprobs.shape)} and {tuple(ids.shape)}")
+    counts, kept_ids, kept_logprobs = compact_topk(logprobs, ids, floor)
+    return pack(counts, counts_dtype(logprobs.shape[-1])), pack(kept_ids, pb.INT32), pack(kept_logprobs, pb.FLOAT32)
 
 
 def decode_topk(counts: pb.Tensor, ids: pb.Tensor, logprobs: pb.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,20 +138,10 @@ def decode_topk(counts: pb.Tensor, ids: pb.Tensor, logprobs: pb.Tensor, k: int) 
         ValueError: wrong dtypes or ranks, a count outside [0, k], or sum(counts) not
             equal to the number of ids and of log-probs.
     """
-    n = unpack(counts, "counts", dtypes=(pb.UINT8, pb.INT16), ndim=2).astype(np.int64)
+    n = unpack(counts, "counts", dtypes=(pb.UINT8, pb.INT16), ndim=2)
     flat_ids = unpack(ids, "ids", dtypes=(pb.INT32, pb.INT64), ndim=1)
     flat_logprobs = unpack(logprobs, "logprobs", dtypes=(pb.FLOAT32,), ndim=1)
-    if n.size and (n.min() < 0 or n.max() > k):
-        raise ValueError(f"counts must lie in [0, k={k}], got values in [{n.min()}, {n.max()}]")
-    total = int(n.sum())
-    if not total == len(flat_ids) == len(flat_logprobs):
-        raise ValueError(f"sum(counts) = {total} must equal the number of ids ({len(flat_ids)}) "
-                         f"and of logprobs ({len(flat_logprobs)})")
-    filled = np.arange(k) < n[..., None]  # [B, T, k]: the first counts[b, t] slots
-    out_logprobs = np.full(filled.shape, -np.inf, dtype=np.float32)
-    out_ids = np.full(filled.shape, -1, dtype=np.int64)
-    out_logprobs[filled] = flat_logprobs
-    out_ids[filled] = flat_ids
+    out_logprobs, out_ids = expand_topk(n, flat_ids, flat_logprobs, k)
     return torch.from_numpy(out_logprobs), torch.from_numpy(out_ids)
 
 

@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -81,6 +82,7 @@ class SurrogateEngine:
             self._decoder = _BoolMaskDecoder(self._decoder)
         self._lock = threading.Lock()
         self._vocabulary: VocabularySpec | None = None
+        self._weights_fingerprint: str | None = None
         self._requests, self._seconds = 0, 0.0
         if not self.lazy:  # a lazy engine comes from to(), which compares it with a checked one
             self._check_logits_match_model()
@@ -179,7 +181,18 @@ class SurrogateEngine:
             vocabulary_fingerprint=self.vocabulary().fingerprint() if self.has_tokenizer else "",
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
+            weights_fingerprint=self.weights_fingerprint(),
         )
+
+    def weights_fingerprint(self) -> str:
+        """sha256 of the model's state (names, dtypes, shapes and bytes), computed once: ~1 s per GB of weights."""
+        if self._weights_fingerprint is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+                digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy().data)
+            self._weights_fingerprint = digest.hexdigest()
+        return self._weights_fingerprint
 
     def stats(self) -> dict[str, float]:
         """Forwards since the previous call and their mean time (on a lazy device: the time to trace them)."""
@@ -209,6 +222,7 @@ class SurrogateEngine:
             if not torch.isfinite(param).all():
                 raise ValueError(f"the surrogate's weight {name} holds NaN or inf values: it cannot guide "
                                  "training; check the checkpoint")
+        fingerprint = self.weights_fingerprint()  # of the weights here, before they move
         probe = torch.arange(32).remainder(self.vocab_size).view(2, 16)
         probe_mask = torch.ones_like(probe).index_fill_(1, torch.tensor([0, 5, 6]), 0)  # masked keys and rows
         expected = self.topk(probe, probe_mask, 8).logprobs.cpu()
@@ -216,6 +230,7 @@ class SurrogateEngine:
         if hasattr(model, "tie_weights"):
             model.tie_weights()
         moved = SurrogateEngine(model, self._tokenizer, chunk_tokens=self.chunk_tokens)
+        moved._weights_fingerprint = fingerprint
         got = moved.topk(probe.to(moved.device), probe_mask.to(moved.device), 8).logprobs.cpu()
         tolerance = atol if atol is not None else (5e-2 if moved.dtype == torch.bfloat16 else 1e-3)
         finite = torch.isfinite(expected)

@@ -423,7 +423,8 @@ class ServingCore:
             tokenizer_size=len(tokenizer) if tokenizer is not None else 0,
             tokenizer_family=spec.family if spec else "", special_tokens=spec.special_tokens if spec else {},
             vocabulary_fingerprint=info.vocabulary_fingerprint, max_k=self.config.max_k,
-            max_tokens_per_request=self.config.max_tokens_per_request, dtype=info.dtype, device=info.device)
+            max_tokens_per_request=self.config.max_tokens_per_request, dtype=info.dtype, device=info.device,
+            weights_fingerprint=info.weights_fingerprint)
 
 
 def _draining(detail: str = "") -> ServiceError:

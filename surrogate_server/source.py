@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,6 +53,9 @@ class SurrogateInfo:
     vocabulary_fingerprint: str  # VocabularySpec.fingerprint(); "" without a tokenizer
     dtype: str  # a TORCH_DTYPES name
     device: str
+    # sha256 over the weights as loaded (names, dtypes, shapes, bytes): what a guidance cache keys on, so new
+    # weights under an old name never get old guidance. "" from a server that does not report it.
+    weights_fingerprint: str = ""
 
 
 class SurrogateSource(Protocol):
@@ -82,3 +86,51 @@ class SurrogateSource(Protocol):
     def healthy(self) -> bool: ...
 
     def close(self) -> None: ...
+
+
+# The compact form of top-k guidance: what travels (surrogate_server.codec) and what a guidance cache stores.
+def compact_topk(logprobs: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor,
+                 floor: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[..., k] log-probs and ids -> (counts [...] int64, ids [N] int32, logprobs [N] float32): the kept slots.
+
+    A slot is kept when its log-prob is finite, its id >= 0 and (given a floor) its log-prob
+    >= floor. Kept slots move to the front of their position in their original order, so
+    ``expand_topk`` restores the input exactly when empty slots form a suffix of each
+    position, as in ``SurrogateEngine.topk`` output (descending, empty slots last).
+    """
+    logprobs = _numpy(logprobs)
+    ids = _numpy(ids)
+    if logprobs.ndim < 1 or logprobs.shape != ids.shape:
+        raise ValueError(f"logprobs and ids must both be [..., k], got {logprobs.shape} and {ids.shape}")
+    keep = np.isfinite(logprobs) & (ids >= 0)
+    if floor is not None:
+        keep &= logprobs >= floor
+    if ids.size and ids.max(initial=0) > np.iinfo(np.int32).max:
+        raise ValueError(f"ids must fit in int32, got max {ids.max()}")
+    return keep.sum(axis=-1), ids[keep].astype(np.int32), logprobs[keep].astype(np.float32)
+
+
+def expand_topk(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`compact_topk`: (logprobs [..., k] float32, -inf in empty slots; ids [..., k] int64, -1).
+
+    Raises ValueError for a count outside [0, k] or sum(counts) not equal to the number of ids and of log-probs.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.size and (counts.min() < 0 or counts.max() > k):
+        raise ValueError(f"counts must lie in [0, k={k}], got values in [{counts.min()}, {counts.max()}]")
+    total = int(counts.sum())
+    if not total == len(ids) == len(logprobs):
+        raise ValueError(f"sum(counts) = {total} must equal the number of ids ({len(ids)}) "
+                         f"and of logprobs ({len(logprobs)})")
+    filled = np.arange(k) < counts[..., None]  # [..., k]: the first counts[...] slots
+    out_logprobs = np.full(filled.shape, -np.inf, dtype=np.float32)
+    out_ids = np.full(filled.shape, -1, dtype=np.int64)
+    out_logprobs[filled] = logprobs
+    out_ids[filled] = ids
+    return out_logprobs, out_ids
+
+
+def _numpy(array: np.ndarray | Tensor) -> np.ndarray:
+    if isinstance(array, Tensor):
+        return array.detach().cpu().numpy()
+    return np.asarray(array)

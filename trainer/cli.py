@@ -60,12 +60,17 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 def _parse(argv: Sequence[str] | None) -> tuple[TrainConfig, bool]:
     """(the run's config, whether --debug was given); a config error exits through ``parser.error`` (code 2)."""
-    parser = build_parser()
+    config, rest = parse_with(build_parser(), argv)
+    return config, bool(rest.get("debug"))
+
+
+def parse_with(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[TrainConfig, dict]:
+    """The config from ``parser`` (``build_parser()`` plus a tool's own arguments) and those other arguments."""
     overrides, rest = config_cli.parse_overrides(parser, argv)
     if rest.get("standard_training"):
         overrides.setdefault("training", {})["loss_type"] = "standard"
     try:
-        return build_config(overrides), bool(rest.get("debug"))
+        return build_config(overrides), rest
     except ValueError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits

@@ -26,6 +26,7 @@ DEVICES = ("auto", "cuda", "cpu", "mps", "tpu")
 DTYPES = ("auto", *TORCH_DTYPES)
 ON_FAILURE = ("skip", "fail")
 ALIGNMENTS = ("bytes", "tokens")
+CONTROLS = ("none", "unigram")
 
 
 @dataclass
@@ -88,6 +89,22 @@ class SurrogateConfig:
     request_timeout: float = option(60.0, "Seconds one guidance request may take, retries included, before on_failure applies.", "surrogate_timeout")
     auth_token_file: str | None = option(None, "File holding the server's shared secret (else $SDCE_SURROGATE_TOKEN).", "surrogate_auth_token_file")
     tls_ca_file: str | None = option(None, "CA certificate (PEM) to verify a TLS surrogate server; unset = plaintext.", "surrogate_tls_ca_file")
+    control: str = option(
+        "none",
+        "A teacher that knows nothing of the text, in place of the surrogate (a control run: what the guided loss "
+        "does as a regulariser alone): unigram = the add-one smoothed unigram distribution of the training data's "
+        "base tokens, the same top-k at every position (trainer.control).",
+        "surrogate_control",
+        choices=CONTROLS,
+    )
+    cache_dir: str | None = option(
+        None,
+        "Guidance cache directory (local or a mounted bucket): the surrogate's answers are stored there and read "
+        "back by later epochs and runs on the same data (sdce-precompute fills it ahead); with the cache alone, "
+        "no surrogate model or endpoint, the run reads every block's guidance from it.",
+        "guidance_cache",
+    )
+    cache_max_gb: float = option(50.0, "Bound on the guidance cache directory's size, in GB.", "guidance_cache_max_gb")
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -100,11 +117,14 @@ class SurrogateConfig:
             raise ValueError(f"surrogate.min_coverage must be in [0, 1], got {self.min_coverage}")
         if self.length_ratio <= 0:
             raise ValueError(f"surrogate.length_ratio must be > 0, got {self.length_ratio}")
+        if self.cache_max_gb <= 0:
+            raise ValueError(f"surrogate.cache_max_gb (--guidance_cache_max_gb) must be > 0, got {self.cache_max_gb}")
         if self.chunk_tokens < 1 or self.prefetch_depth < 0:
             raise ValueError("surrogate.chunk_tokens must be >= 1 and surrogate.prefetch_depth >= 0")
         check_choice("surrogate.dtype", self.dtype, DTYPES)
         check_choice("surrogate.on_failure", self.on_failure, ON_FAILURE)
         check_choice("surrogate.alignment", self.alignment, ALIGNMENTS)
+        check_choice("surrogate.control", self.control, CONTROLS)
 
 
 @dataclass
@@ -214,10 +234,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         guided = self.training.loss_type != "standard"
-        if guided and not (self.surrogate.name_or_path or self.surrogate.endpoint):
+        control = self.surrogate.control != "none"  # a teacher built from the training data: no surrogate needed
+        if guided and not (self.surrogate.name_or_path or self.surrogate.endpoint or self.surrogate.cache_dir
+                           or control):
             raise ValueError(
                 f"loss_type {self.training.loss_type!r} needs a surrogate: pass --surrogate_model NAME_OR_PATH "
-                "or --surrogate_endpoint HOST:PORT, or train without one with --standard_training"
+                "or --surrogate_endpoint HOST:PORT (or --guidance_cache DIR holding its precomputed guidance), or "
+                "train without one with --standard_training"
+            )
+        if guided and control and self.data.streaming:
+            raise ValueError(
+                f"--surrogate_control {self.surrogate.control} counts the tokens of the whole training set, which a "
+                "stream does not have: drop --streaming (map-style data) or the control"
             )
         if not (self.data.dataset_name or self.data.train_file):
             raise ValueError("no training data: pass --dataset NAME_OR_DIR or --train_file PATH")

@@ -214,6 +214,17 @@ class SurrogateInputs:
 CANDIDATE_STAGES = ("labelled", "proposed", "permitted", "above_threshold", "kept")
 
 
+def topk_request(k: int, threshold: float, loss_type: str) -> tuple[int, float | None]:
+    """What a Guide asks the surrogate for: (slots per position, log-prob floor or None), docs/method.md §3.
+
+    surrogate: k + 1 (the target may be among them and is dropped) at or above log(threshold);
+    kl: k, with the target kept and no floor.
+    """
+    if loss_type != "surrogate":
+        return k, None
+    return k + 1, (math.log(threshold) if threshold > 0 else None)
+
+
 def placeholder_id(spec: VocabularySpec) -> int:
     """The surrogate id put where a base token has no surrogate match (it is masked anyway)."""
     for role in ("pad", "eos", "unk", "bos"):
@@ -247,8 +258,7 @@ class Guide:
         self.exclude_target = loss_type == "surrogate"
         # kl keeps the target and applies no threshold (docs/method.md §3).
         self.threshold = threshold if self.exclude_target else 0.0
-        self.request_k = k + 1 if self.exclude_target else k
-        self.logprob_floor = math.log(self.threshold) if self.threshold > 0 else None
+        self.request_k, self.logprob_floor = topk_request(k, threshold, loss_type)
         self.placeholder = placeholder
         self.on_failure = on_failure
         self.unguided_batches = 0  # batches trained on CE alone because the surrogate was unavailable

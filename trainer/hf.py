@@ -49,7 +49,7 @@ from surrogate_server.source import SurrogateSource
 from trainer.config import SurrogateConfig, TrainingConfig
 from trainer.guidance import Batch, Guide, SurrogateInputs, guided_batches
 from trainer.losses import IGNORE_INDEX, fused_sdce_loss, sdce_loss
-from trainer.models import connect_surrogate, guide_for, hidden_states_of
+from trainer.models import guide_for, hidden_states_of, surrogate_source
 from trainer.schedules import surrogate_weight
 
 log = logging.getLogger("trainer")
@@ -169,13 +169,13 @@ class SDCETrainer(Trainer):
             raise ValueError("SDCETrainer needs processing_class (the base tokenizer) and train_dataset to align "
                              "the surrogate's vocabulary with the base's")
         cfg = args.surrogate_config()
-        if surrogate is None and not (cfg.name_or_path or cfg.endpoint):
+        if surrogate is None and not (cfg.name_or_path or cfg.endpoint or cfg.cache_dir):
             raise ValueError(f"loss_type {args.loss_type!r} needs a surrogate: set surrogate_model or "
-                             "surrogate_endpoint (or pass surrogate=), or use loss_type='standard'")
+                             "surrogate_endpoint (or guidance_cache, or pass surrogate=), or use loss_type='standard'")
         first = [row["input_ids"] for row in itertools.islice(iter(train_dataset), 8)]
-        source = surrogate or connect_surrogate(cfg, args.device)
-        return guide_for(source, cfg, tokenizer, loss_type=args.loss_type,
-                         max_seq_length=args.max_length or len(first[0]),
+        length = args.max_length or len(first[0])
+        source = surrogate or surrogate_source(cfg, args.device, loss_type=args.loss_type, max_seq_length=length)
+        return guide_for(source, cfg, tokenizer, loss_type=args.loss_type, max_seq_length=length,
                          sample_text=tokenizer.decode(list(itertools.chain.from_iterable(first))))
 
     def _set_signature_columns_if_needed(self) -> None:

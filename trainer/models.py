@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ from surrogate_server.source import TORCH_DTYPES, SurrogateSource
 from trainer.alignment import ByteAligner, align_vocabularies
 from trainer.config import ModelConfig, SurrogateConfig, TrainConfig
 from trainer.device import Backend
-from trainer.guidance import Guide, SurrogateInputs, placeholder_id
+from trainer.guidance import Guide, SurrogateInputs, placeholder_id, topk_request
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +123,50 @@ def connect_surrogate(cfg: SurrogateConfig, device: torch.device) -> SurrogateSo
                                            chunk_tokens=cfg.chunk_tokens)
 
 
-def build_guide(config: TrainConfig, tokenizer, device: torch.device, sample_text: str) -> Guide | None:
+def build_guide(config: TrainConfig, tokenizer, device: torch.device, sample_text: str,
+                train_blocks: Any = None) -> Guide | None:
     """The surrogate guidance for this run, or None for standard training.
 
     ``device``: where an in-process surrogate goes; ``sample_text`` (some training text)
-    gives the alignment's coverage figure.
+    gives the alignment's coverage figure; ``train_blocks``: the run's training blocks, which
+    a control teacher (surrogate.control) counts (None: built again from config.data).
     """
     if config.training.loss_type == "standard":
         return None
-    source = connect_surrogate(config.surrogate, device)
-    return guide_for(source, config.surrogate, tokenizer, loss_type=config.training.loss_type,
-                     max_seq_length=config.data.max_seq_length, sample_text=sample_text,
+    cfg, loss_type, length = config.surrogate, config.training.loss_type, config.data.max_seq_length
+    if cfg.control == "unigram":  # built from the data: nothing to connect to, nothing worth caching
+        source, cfg = control_teacher(config, tokenizer, train_blocks), dataclasses.replace(cfg, cache_dir=None)
+    else:
+        source = surrogate_source(cfg, device, loss_type=loss_type, max_seq_length=length)
+    return guide_for(source, cfg, tokenizer, loss_type=loss_type, max_seq_length=length, sample_text=sample_text,
                      document_mask=config.data.document_mask)
+
+
+def control_teacher(config: TrainConfig, tokenizer, train_blocks: Any = None) -> SurrogateSource:
+    """surrogate.control unigram: the unigram teacher of the training blocks (trainer.control)."""
+    from trainer.control import UnigramTeacher
+    from trainer.data import build_lm_datasets
+
+    if train_blocks is None:  # the blocks the run trains on: the same config, tokenizer and seed (and datasets' cache)
+        train_blocks, _ = build_lm_datasets(config.data, tokenizer, seed=config.training.seed)
+    return UnigramTeacher.of_blocks(tokenizer, train_blocks)
+
+
+def surrogate_source(cfg: SurrogateConfig, device: torch.device, *, loss_type: str,
+                     max_seq_length: int) -> SurrogateSource:
+    """``connect_surrogate``; with a guidance cache and no surrogate named, the surrogate the cache stored."""
+    if cfg.name_or_path or cfg.endpoint or not cfg.cache_dir:
+        return connect_surrogate(cfg, device)
+    from trainer.cache import stored_surrogate
+
+    k, floor = topk_request(cfg.k, cfg.probability_threshold, loss_type)
+    return stored_surrogate(cfg.cache_dir, k=k, logprob_floor=floor, alignment=cfg.alignment,
+                            surrogate_length=surrogate_length(cfg, max_seq_length))
+
+
+def surrogate_length(cfg: SurrogateConfig, max_seq_length: int) -> int | None:
+    """alignment bytes: the surrogate tokens a block is read as (a multiple of 8); tokens: None (the base's)."""
+    return 8 * math.ceil(cfg.length_ratio * max_seq_length / 8) if cfg.alignment == "bytes" else None
 
 
 def guide_for(
@@ -151,10 +184,10 @@ def guide_for(
     alignment = align_vocabularies(tokenizer, spec, sample_text=sample_text, min_coverage=cfg.min_coverage)
     log.info("vocabulary alignment: %s", alignment)
     inputs = None
-    if cfg.alignment == "bytes":
-        length = 8 * math.ceil(cfg.length_ratio * max_seq_length / 8)
+    length = surrogate_length(cfg, max_seq_length)
+    if length is not None:
         inputs = SurrogateInputs(ByteAligner(tokenizer, source.tokenizer(), max_surrogate_tokens=length))
-    return Guide(
+    guide = Guide(
         source,
         alignment,
         k=cfg.k,
@@ -165,4 +198,33 @@ def guide_for(
         inputs=inputs,
         document_end=tokenizer.eos_token_id if document_mask else None,
     )
+    if cfg.cache_dir:
+        guide.source = cached_source(source, guide, cfg, length)
+    return guide
+
+
+def cached_source(source: SurrogateSource, guide: Guide, cfg: SurrogateConfig, length: int | None) -> SurrogateSource:
+    """``source`` behind the guidance cache of ``cfg.cache_dir``, in the namespace of what ``guide`` asks of it."""
+    from trainer.cache import CachedSource, GuidanceCache, Namespace, StoredSurrogate, permitted_hash
+
+    info = source.info()
+    if not info.weights_fingerprint:
+        raise ValueError(f"the surrogate {info.model_id!r} does not report a weights fingerprint (a server older "
+                         "than this trainer), so cached guidance could not be told from stale: upgrade the server, "
+                         "or drop --guidance_cache")
+    namespace = Namespace(
+        surrogate=info.model_id, weights=info.weights_fingerprint, vocabulary=info.vocabulary_fingerprint,
+        vocab_size=info.vocab_size, dtype=info.dtype, k=guide.request_k, logprob_floor=guide.logprob_floor,
+        permitted=permitted_hash(guide.alignment.permitted), alignment=cfg.alignment, surrogate_length=length,
+    )
+    if isinstance(source, StoredSurrogate) and namespace != source.namespace:
+        raise ValueError(f"the guidance in {source.directory} was computed for another base tokenizer (its permitted "
+                         "set differs from this run's): precompute it for this base, or name the surrogate")
+    try:
+        tokenizer = source.tokenizer()
+    except ValueError:  # a surrogate without one (alignment tokens): the vocabulary is enough then
+        tokenizer = None
+    cache = GuidanceCache(cfg.cache_dir, namespace, max_bytes=int(cfg.cache_max_gb * 1e9),
+                          vocabulary=source.vocabulary(), tokenizer=tokenizer)
+    return CachedSource(source, cache)
 

@@ -228,12 +228,7 @@ class Trainer:
         return self._loader(share, None, batch_size, drop_last=False, collate_fn=self._collate(train=False))
 
     def _collate(self, *, train: bool) -> Any:
-        """The loaders' collate_fn, run in their workers: the byte-aligned surrogate input (training batches) and
-        the per-document position ids (data.document_mask); None: torch's default."""
-        collate = self.guide.inputs if train and self.guide is not None else None
-        if self.config.data.document_mask:
-            collate = DocumentPositions(self.tokenizer.eos_token_id, collate)
-        return collate
+        return collate_fn(self.guide if train else None, self.config, self.tokenizer)
 
     def _stream_loader(self, epoch: int) -> StatefulDataLoader:
         """This rank's stream of training blocks; ``state_dict()`` after a batch is the position to resume from."""
@@ -472,6 +467,15 @@ class Trainer:
         self.backend.barrier()
 
 
+def collate_fn(guide: Guide | None, config: TrainConfig, tokenizer: Any) -> Any:
+    """A loader's collate_fn, run in its workers: the byte-aligned surrogate input (training batches: pass their
+    ``guide``) and the per-document position ids (data.document_mask); None: torch's default."""
+    collate = guide.inputs if guide is not None else None
+    if config.data.document_mask:
+        collate = DocumentPositions(tokenizer.eos_token_id, collate)
+    return collate
+
+
 class MetricWindow:
     """Running sums of step metrics on the device; summed over ranks and read back (one host sync) only at logging steps."""
 
@@ -479,7 +483,8 @@ class MetricWindow:
     # Guidance statistics (the Guide's counts, SurrogateSource.stats()) as ranks combine them: counts add,
     # per-request means are weighted by each rank's guidance_requests (p50: the weighted mean of the ranks' medians).
     GUIDANCE_COUNTS = ("unguided_batches", "guidance_requests", "guidance_retries", "guidance_failures",
-                       "guidance_reregistrations")
+                       "guidance_reregistrations", "guidance_cache_hits", "guidance_cache_misses",
+                       "guidance_cache_dropped")
     GUIDANCE_MEANS = ("guidance_latency_ms_mean", "guidance_latency_ms_p50", "guidance_bytes_per_token",
                       "guidance_server_queue_ms", "guidance_server_compute_ms")
 

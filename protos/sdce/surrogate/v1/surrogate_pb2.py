@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!sdce/surrogate/v1/surrogate.proto\x12\x11sdce.surrogate.v1\"N\n\x06Tensor\x12\'\n\x05\x64type\x18\x01 \x01(\x0e\x32\x18.sdce.surrogate.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\x88\x03\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\x05\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x03\x12\x16\n\x0etokenizer_size\x18\x05 \x01(\x03\x12\x18\n\x10tokenizer_family\x18\x06 \x01(\t\x12J\n\x0especial_tokens\x18\x07 \x03(\x0b\x32\x32.sdce.surrogate.v1.InfoResponse.SpecialTokensEntry\x12\x1e\n\x16vocabulary_fingerprint\x18\x08 \x01(\t\x12\r\n\x05max_k\x18\t \x01(\x05\x12\x1e\n\x16max_tokens_per_request\x18\n \x01(\x03\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x1a\x34\n\x12SpecialTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x13\n\x11VocabularyRequest\"\xc1\x01\n\nVocabulary\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12H\n\x0especial_tokens\x18\x03 \x03(\x0b\x32\x30.sdce.surrogate.v1.Vocabulary.SpecialTokensEntry\x12\x13\n\x0b\x63ontrol_ids\x18\x04 \x03(\x03\x1a\x34\n\x12SpecialTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x8b\x01\n\x12VocabularyResponse\x12\x15\n\tspec_json\x18\x01 \x01(\tB\x02\x18\x01\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x31\n\nvocabulary\x18\x03 \x01(\x0b\x32\x1d.sdce.surrogate.v1.Vocabulary\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\"C\n\x18RegisterPermittedRequest\x12\'\n\x04mask\x18\x01 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\"J\n\x19RegisterPermittedResponse\x12\x14\n\x0cpermitted_id\x18\x01 \x01(\t\x12\x17\n\x0fpermitted_count\x18\x02 \x01(\x03\"\x82\x02\n\x0bTopKRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\tinput_ids\x18\x02 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\x12\x31\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\x12\t\n\x01k\x18\x04 \x01(\x05\x12\x1a\n\rlogprob_floor\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x0cpermitted_id\x18\x06 \x01(\t\x12/\n\x0cposition_ids\x18\x07 \x01(\x0b\x32\x19.sdce.surrogate.v1.TensorB\x10\n\x0e_logprob_floor\"]\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61tch_requests\x18\x03 \x01(\x05\x12\x14\n\x0c\x62\x61tch_tokens\x18\x04 \x01(\x03\"\xfa\x01\n\x0cTopKResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06\x63ounts\x18\x02 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\x12&\n\x03ids\x18\x03 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\x12+\n\x08logprobs\x18\x04 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\x12+\n\x07timings\x18\x05 \x01(\x0b\x32\x1a.sdce.surrogate.v1.Timings\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t*r\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\t\n\x05INT16\x10\x02\x12\t\n\x05INT32\x10\x03\x12\t\n\x05INT64\x10\x04\x12\x0b\n\x07\x46LOAT16\x10\x05\x12\x0c\n\x08\x42\x46LOAT16\x10\x06\x12\x0b\n\x07\x46LOAT32\x10\x07\x32\xc1\x03\n\tSurrogate\x12J\n\x07GetInfo\x12\x1e.sdce.surrogate.v1.InfoRequest\x1a\x1f.sdce.surrogate.v1.InfoResponse\x12\\\n\rGetVocabulary\x12$.sdce.surrogate.v1.VocabularyRequest\x1a%.sdce.surrogate.v1.VocabularyResponse\x12n\n\x11RegisterPermitted\x12+.sdce.surrogate.v1.RegisterPermittedRequest\x1a,.sdce.surrogate.v1.RegisterPermittedResponse\x12G\n\x04TopK\x12\x1e.sdce.surrogate.v1.TopKRequest\x1a\x1f.sdce.surrogate.v1.TopKResponse\x12Q\n\nTopKStream\x12\x1e.sdce.surrogate.v1.TopKRequest\x1a\x1f.sdce.surrogate.v1.TopKResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!sdce/surrogate/v1/surrogate.proto\x12\x11sdce.surrogate.v1\"N\n\x06Tensor\x12\'\n\x05\x64type\x18\x01 \x01(\x0e\x32\x18.sdce.surrogate.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\xa5\x03\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\x05\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x03\x12\x16\n\x0etokenizer_size\x18\x05 \x01(\x03\x12\x18\n\x10tokenizer_family\x18\x06 \x01(\t\x12J\n\x0especial_tokens\x18\x07 \x03(\x0b\x32\x32.sdce.surrogate.v1.InfoResponse.SpecialTokensEntry\x12\x1e\n\x16vocabulary_fingerprint\x18\x08 \x01(\t\x12\r\n\x05max_k\x18\t \x01(\x05\x12\x1e\n\x16max_tokens_per_request\x18\n \x01(\x03\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\r \x01(\t\x1a\x34\n\x12SpecialTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x13\n\x11VocabularyRequest\"\xc1\x01\n\nVocabulary\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12H\n\x0especial_tokens\x18\x03 \x03(\x0b\x32\x30.sdce.surrogate.v1.Vocabulary.SpecialTokensEntry\x12\x13\n\x0b\x63ontrol_ids\x18\x04 \x03(\x03\x1a\x34\n\x12SpecialTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x8b\x01\n\x12VocabularyResponse\x12\x15\n\tspec_json\x18\x01 \x01(\tB\x02\x18\x01\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x31\n\nvocabulary\x18\x03 \x01(\x0b\x32\x1d.sdce.surrogate.v1.Vocabulary\x12\x16\n\x0etokenizer_json\x18\x04 \x01(\t\"C\n\x18RegisterPermittedRequest\x12\'\n\x04mask\x18\x01 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\"J\n\x19RegisterPermittedResponse\x12\x14\n\x0cpermitted_id\x18\x01 \x01(\t\x12\x17\n\x0fpermitted_count\x18\x02 \x01(\x03\"\x82\x02\n\x0bTopKRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\tinput_ids\x18\x02 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\x12\x31\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\x12\t\n\x01k\x18\x04 \x01(\x05\x12\x1a\n\rlogprob_floor\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x0cpermitted_id\x18\x06 \x01(\t\x12/\n\x0cposition_ids\x18\x07 \x01(\x0b\x32\x19.sdce.surrogate.v1.TensorB\x10\n\x0e_logprob_floor\"]\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x16\n\x0e\x62\x61tch_requests\x18\x03 \x01(\x05\x12\x14\n\x0c\x62\x61tch_tokens\x18\x04 \x01(\x03\"\xfa\x01\n\x0cTopKResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06\x63ounts\x18\x02 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\x12&\n\x03ids\x18\x03 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\x12+\n\x08logprobs\x18\x04 \x01(\x0b\x32\x19.sdce.surrogate.v1.Tensor\x12+\n\x07timings\x18\x05 \x01(\x0b\x32\x1a.sdce.surrogate.v1.Timings\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t*r\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\t\n\x05INT16\x10\x02\x12\t\n\x05INT32\x10\x03\x12\t\n\x05INT64\x10\x04\x12\x0b\n\x07\x46LOAT16\x10\x05\x12\x0c\n\x08\x42\x46LOAT16\x10\x06\x12\x0b\n\x07\x46LOAT32\x10\x07\x32\xc1\x03\n\tSurrogate\x12J\n\x07GetInfo\x12\x1e.sdce.surrogate.v1.InfoRequest\x1a\x1f.sdce.surrogate.v1.InfoResponse\x12\\\n\rGetVocabulary\x12$.sdce.surrogate.v1.VocabularyRequest\x1a%.sdce.surrogate.v1.VocabularyResponse\x12n\n\x11RegisterPermitted\x12+.sdce.surrogate.v1.RegisterPermittedRequest\x1a,.sdce.surrogate.v1.RegisterPermittedResponse\x12G\n\x04TopK\x12\x1e.sdce.surrogate.v1.TopKRequest\x1a\x1f.sdce.surrogate.v1.TopKResponse\x12Q\n\nTopKStream\x12\x1e.sdce.surrogate.v1.TopKRequest\x1a\x1f.sdce.surrogate.v1.TopKResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,34 +37,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VOCABULARY_SPECIALTOKENSENTRY']._serialized_options = b'8\001'
   _globals['_VOCABULARYRESPONSE'].fields_by_name['spec_json']._loaded_options = None
   _globals['_VOCABULARYRESPONSE'].fields_by_name['spec_json']._serialized_options = b'\030\001'
-  _globals['_DTYPE']._serialized_start=1659
-  _globals['_DTYPE']._serialized_end=1773
+  _globals['_DTYPE']._serialized_start=1688
+  _globals['_DTYPE']._serialized_end=1802
   _globals['_TENSOR']._serialized_start=56
   _globals['_TENSOR']._serialized_end=134
   _globals['_INFOREQUEST']._serialized_start=136
   _globals['_INFOREQUEST']._serialized_end=149
   _globals['_INFORESPONSE']._serialized_start=152
-  _globals['_INFORESPONSE']._serialized_end=544
-  _globals['_INFORESPONSE_SPECIALTOKENSENTRY']._serialized_start=492
-  _globals['_INFORESPONSE_SPECIALTOKENSENTRY']._serialized_end=544
-  _globals['_VOCABULARYREQUEST']._serialized_start=546
-  _globals['_VOCABULARYREQUEST']._serialized_end=565
-  _globals['_VOCABULARY']._serialized_start=568
-  _globals['_VOCABULARY']._serialized_end=761
-  _globals['_VOCABULARY_SPECIALTOKENSENTRY']._serialized_start=492
-  _globals['_VOCABULARY_SPECIALTOKENSENTRY']._serialized_end=544
-  _globals['_VOCABULARYRESPONSE']._serialized_start=764
-  _globals['_VOCABULARYRESPONSE']._serialized_end=903
-  _globals['_REGISTERPERMITTEDREQUEST']._serialized_start=905
-  _globals['_REGISTERPERMITTEDREQUEST']._serialized_end=972
-  _globals['_REGISTERPERMITTEDRESPONSE']._serialized_start=974
-  _globals['_REGISTERPERMITTEDRESPONSE']._serialized_end=1048
-  _globals['_TOPKREQUEST']._serialized_start=1051
-  _globals['_TOPKREQUEST']._serialized_end=1309
-  _globals['_TIMINGS']._serialized_start=1311
-  _globals['_TIMINGS']._serialized_end=1404
-  _globals['_TOPKRESPONSE']._serialized_start=1407
-  _globals['_TOPKRESPONSE']._serialized_end=1657
-  _globals['_SURROGATE']._serialized_start=1776
-  _globals['_SURROGATE']._serialized_end=2225
+  _globals['_INFORESPONSE']._serialized_end=573
+  _globals['_INFORESPONSE_SPECIALTOKENSENTRY']._serialized_start=521
+  _globals['_INFORESPONSE_SPECIALTOKENSENTRY']._serialized_end=573
+  _globals['_VOCABULARYREQUEST']._serialized_start=575
+  _globals['_VOCABULARYREQUEST']._serialized_end=594
+  _globals['_VOCABULARY']._serialized_start=597
+  _globals['_VOCABULARY']._serialized_end=790
+  _globals['_VOCABULARY_SPECIALTOKENSENTRY']._serialized_start=521
+  _globals['_VOCABULARY_SPECIALTOKENSENTRY']._serialized_end=573
+  _globals['_VOCABULARYRESPONSE']._serialized_start=793
+  _globals['_VOCABULARYRESPONSE']._serialized_end=932
+  _globals['_REGISTERPERMITTEDREQUEST']._serialized_start=934
+  _globals['_REGISTERPERMITTEDREQUEST']._serialized_end=1001
+  _globals['_REGISTERPERMITTEDRESPONSE']._serialized_start=1003
+  _globals['_REGISTERPERMITTEDRESPONSE']._serialized_end=1077
+  _globals['_TOPKREQUEST']._serialized_start=1080
+  _globals['_TOPKREQUEST']._serialized_end=1338
+  _globals['_TIMINGS']._serialized_start=1340
+  _globals['_TIMINGS']._serialized_end=1433
+  _globals['_TOPKRESPONSE']._serialized_start=1436
+  _globals['_TOPKRESPONSE']._serialized_end=1686
+  _globals['_SURROGATE']._serialized_start=1805
+  _globals['_SURROGATE']._serialized_end=2254
 # @@protoc_insertion_point(module_scope)

@@ -41,7 +41,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("protocol_version", "server_version", "model_id", "vocab_size", "tokenizer_size", "tokenizer_family", "special_tokens", "vocabulary_fingerprint", "max_k", "max_tokens_per_request", "dtype", "device")
+    __slots__ = ("protocol_version", "server_version", "model_id", "vocab_size", "tokenizer_size", "tokenizer_family", "special_tokens", "vocabulary_fingerprint", "max_k", "max_tokens_per_request", "dtype", "device", "weights_fingerprint")
     class SpecialTokensEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class InfoResponse(_message.Message):
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     server_version: str
     model_id: str
@@ -73,7 +74,8 @@ class InfoResponse(_message.Message):
     max_tokens_per_request: int
     dtype: str
     device: str
-    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_size: _Optional[int] = ..., tokenizer_family: _Optional[str] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., vocabulary_fingerprint: _Optional[str] = ..., max_k: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    weights_fingerprint: str
+    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_size: _Optional[int] = ..., tokenizer_family: _Optional[str] = ..., special_tokens: _Optional[_Mapping[str, int]] = ..., vocabulary_fingerprint: _Optional[str] = ..., max_k: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ...) -> None: ...
 
 class VocabularyRequest(_message.Message):
     __slots__ = ()
