@@ -430,6 +430,13 @@ def trained_surrogate(config: TrainConfig) -> dict[str, Any]:
     return row
 
 
+def demo_setup(quick: bool = False, **profile_overrides: int | None) -> tuple[RunProfile, AssetSpec]:
+    """The budget and the assets of the full (or quick) demo; ``profile_overrides``: RunProfile fields (None: kept)."""
+    profile, spec = (QUICK, QUICK_SPEC) if quick else (FULL, AssetSpec())
+    profile = dataclasses.replace(profile, **{k: v for k, v in profile_overrides.items() if v is not None})
+    return profile, dataclasses.replace(spec, max_positions=max(spec.max_positions, profile.seq_len))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.demo",
@@ -454,11 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    profile, spec = (QUICK, QUICK_SPEC) if args.quick else (FULL, AssetSpec())
     names = ("steps", "surrogate_steps", "seq_len", "batch_size")
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    profile = dataclasses.replace(profile, **overrides)
-    spec = dataclasses.replace(spec, max_positions=max(spec.max_positions, profile.seq_len))
+    profile, spec = demo_setup(args.quick, **{name: getattr(args, name) for name in names})
     workdir = args.workdir.resolve()
     start = time.perf_counter()
     assets = prepare_assets(workdir, spec)
