@@ -171,6 +171,24 @@ def test_remote_training_matches_in_process(server, config_for, in_process_run, 
         assert any(key in record for record in result.history), key
 
 
+def test_precompute_through_the_server_then_train_with_the_surrogate_absent(server, config_for, in_process_run,
+                                                                            tmp_path):
+    """sdce-precompute asks the server; the run then needs no surrogate, and an in-process surrogate with the
+    same weights finds the server's guidance (one namespace: the weights decide, not where they run)."""
+    from trainer.cache import namespaces
+    from trainer.precompute import precompute
+
+    cache = str(tmp_path / "cache")
+    summary = precompute(config_for(tmp_path / "precompute", remote(server, cache_dir=cache)))
+    assert summary["computed"] == summary["blocks"] > 0 and summary["cached"] == 0
+    absent = train(config_for(tmp_path / "absent", {"name_or_path": None, "cache_dir": cache}))
+    assert_same_losses(absent.history, in_process_run.history)
+    local = train(config_for(tmp_path / "local", {"cache_dir": cache}))
+    assert_same_losses(local.history, in_process_run.history)
+    assert all(h["guidance_requests"] == 0 and h["guidance_cache_misses"] == 0 for h in local.history)
+    assert len(namespaces(cache)) == 1
+
+
 def step_seconds(record: dict) -> float:
     """Wall time of a logged step (logging_steps=1): its 4 x 32 tokens over its window's tokens/s."""
     return 4 * SEQ_LEN / record["tokens_per_s"]
