@@ -357,7 +357,7 @@ def markdown(report: dict[str, Any], plot: str | None) -> str:
     seeds, arms = report["seeds"], report["arms"]
     seed_heads = "".join(f" seed {s} |" for s in seeds)
     rule = "|---" * (len(seeds) + 2) + "|"
-    lines = [f"# A/B: {', '.join(arms)} x {len(seeds)} seeds ({', '.join(map(str, seeds))})", "",
+    lines = [f"# A/B: {', '.join(arms)} x seeds {', '.join(map(str, seeds))}", "",
              *report["settings"], "", "## Final eval loss", "",
              "Mean ± the half-width of its 95% t-interval over seeds (n/a with one seed), then each seed's.", "",
              f"| arm | eval loss |{seed_heads}", rule]
