@@ -276,6 +276,23 @@ class RemoteSurrogate:
             return parts[0]
         return TopK(logprobs=torch.cat([p.logprobs for p in parts]), ids=torch.cat([p.ids for p in parts]))
 
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Same contract as ``SurrogateEngine.score``; the result is on the CPU (a server of an earlier release
+        answers UNIMPLEMENTED, raised as a ValueError)."""
+        info = self._wire_info()
+        parts = []
+        for start, stop in self._row_chunks(input_ids.shape, info.max_tokens_per_request):
+            request = pb.ScoreRequest(input_ids=codec.pack(input_ids[start:stop], pb.INT32),
+                                      attention_mask=codec.pack(attention_mask[start:stop], pb.UINT8),
+                                      targets=codec.pack(targets[start:stop], pb.INT32))
+            if position_ids is not None:
+                request.position_ids.CopyFrom(codec.pack(position_ids[start:stop], pb.INT32))
+            response = self._call("Score", lambda ep, t: ep.stub.Score(request, **self._opts(t)), fail_fast=True)
+            logprobs = codec.unpack(response.logprobs, "logprobs", dtypes=(pb.FLOAT32,), ndim=2)
+            parts.append(torch.from_numpy(logprobs.copy()))
+        return torch.cat(parts)
+
     def _request_topk(self, request: pb.TopKRequest, mask: pb.Tensor | None, permitted_id: str, k: int) -> TopK:
         batch, length = request.input_ids.shape
         started = time.perf_counter()

@@ -158,6 +158,34 @@ class SurrogateEngine:
         # the trainer can use them in its loss graph (cost: B*T*k elements).
         return TopK(logprobs=out.logprobs.clone(), ids=out.ids.clone())
 
+    def score(self, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
+              position_ids: Tensor | None = None) -> Tensor:
+        """Full-vocabulary log-prob of ``targets[b, t]`` at each position (the teacher check's NLL).
+
+        Args:
+            input_ids, attention_mask, position_ids: as :meth:`topk`.
+            targets: [B, T] surrogate ids whose log-prob position t gives (usually input_ids[:, t + 1]);
+                -1 where none is wanted.
+
+        Returns:
+            [B, T] float32 on ``self.device``; 0 where the target is -1 or the position attends to nothing.
+        """
+        self._validate(input_ids, attention_mask, 1, None)
+        if targets.shape != input_ids.shape or (targets.numel() and int(targets.max()) >= self.vocab_size):
+            raise ValueError(f"targets must be [B, T] = {tuple(input_ids.shape)} of ids below {self.vocab_size} "
+                             f"(-1 for none), got shape {tuple(targets.shape)}")
+        with self._lock, (torch.no_grad() if self.lazy else torch.inference_mode()):
+            hidden = self._hidden(input_ids, attention_mask, position_ids)  # [N, H]
+            flat = targets.to(self.device, torch.long).reshape(-1)
+            parts = []
+            for i in range(0, hidden.shape[0], self.chunk_tokens):
+                logprobs = torch.log_softmax(self._logits(hidden[i:i + self.chunk_tokens]), dim=-1)
+                parts.append(logprobs.gather(-1, flat[i:i + self.chunk_tokens].clamp(min=0).unsqueeze(-1))[:, 0])
+            out = torch.cat(parts).view(targets.shape)
+            attends = attention_mask.to(self.device).cumsum(dim=-1) > 0
+            out = out.where((targets.to(self.device) >= 0) & attends, torch.zeros_like(out))
+        return out.clone()
+
     def vocabulary(self) -> VocabularySpec:
         """The tokenizer's vocabulary spec, computed once."""
         if self._vocabulary is None:
@@ -251,15 +279,8 @@ class SurrogateEngine:
         if batch * length == 0:
             return TopK(logprobs=torch.full((batch, length, k), float("-inf"), device=self.device),
                         ids=torch.full((batch, length, k), -1, dtype=torch.long, device=self.device))
-        input_ids = input_ids.to(self.device, torch.long)
         attention_mask = attention_mask.to(self.device, torch.long)
-        if position_ids is None:
-            hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-        else:  # documents: a ready mask with one causal block per document, and their own positions
-            decoder = self._decoder if isinstance(self._decoder, _BoolMaskDecoder) else _BoolMaskDecoder(self._decoder)
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                             position_ids=position_ids.to(self.device, torch.long))[0]
-        hidden = hidden.reshape(batch * length, -1)  # [N, H]
+        hidden = self._hidden(input_ids, attention_mask, position_ids)  # [N, H]
         forbidden = None  # [V] bool: not permitted, which every id past len(permitted) is
         if permitted is not None:
             forbidden = torch.ones(self.vocab_size, dtype=torch.bool, device=self.device)
@@ -271,6 +292,18 @@ class SurrogateEngine:
         ids = torch.cat([i for _, i in blocks]).view(batch, length, k_eff)
         attends_to_nothing = attention_mask.cumsum(dim=-1) == 0  # [B, T]
         return _empty_where_invalid(values, ids, attends_to_nothing, k)
+
+    def _hidden(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None) -> Tensor:
+        """The decoder's final hidden states of a batch, flattened: [B * T, H]."""
+        input_ids = input_ids.to(self.device, torch.long)
+        attention_mask = attention_mask.to(self.device, torch.long)
+        if position_ids is None:
+            hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        else:  # documents: a ready mask with one causal block per document, and their own positions
+            decoder = self._decoder if isinstance(self._decoder, _BoolMaskDecoder) else _BoolMaskDecoder(self._decoder)
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             position_ids=position_ids.to(self.device, torch.long))[0]
+        return hidden.reshape(input_ids.numel(), -1)
 
     def _block_topk(self, hidden: Tensor, forbidden: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
         """[n, H] hidden states -> ([n, k] float32 log-probs, [n, k] int64 ids); peak n*V*8 bytes (fp32 logits

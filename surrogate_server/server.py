@@ -364,8 +364,41 @@ class ServingCore:
         return pb.TopKResponse(request_id=request.request_id, counts=counts, ids=ids, logprobs=logprobs,
                                timings=timings)
 
+    async def score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
+        """Validate, then score on the engine (which serialises it with the batcher's forwards)."""
+        if self.refusing:
+            raise _draining()
+        ids, mask, positions = self._inputs(request)
+        targets = _unpack(request.targets, "targets", dtypes=(pb.INT32, pb.INT64), ndim=2)
+        if targets.shape != ids.shape or targets.min() < -1 or targets.max() >= self.engine.vocab_size:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"targets must be [B, T] = {list(ids.shape)} of ids "
+                               f"in [-1, {self.engine.vocab_size}) (-1 = none), got shape {list(targets.shape)}")
+        logprobs = await asyncio.get_running_loop().run_in_executor(
+            None, self.engine.score, ids, mask, torch.from_numpy(targets.astype(np.int64)), positions)
+        self.metrics.tokens.inc(ids.numel())
+        return pb.ScoreResponse(logprobs=codec.pack(logprobs.float(), pb.FLOAT32))
+
     def _job(self, request: pb.TopKRequest) -> Job:
         """The batcher job for a request, or ServiceError naming what is wrong with it."""
+        invalid = functools.partial(ServiceError, grpc.StatusCode.INVALID_ARGUMENT)
+        ids, mask, positions = self._inputs(request)
+        if not 1 <= request.k <= self.config.max_k:
+            raise invalid(f"k must be in [1, max_k = {self.config.max_k}], got {request.k}")
+        if request.HasField("logprob_floor") and math.isnan(request.logprob_floor):
+            raise invalid("logprob_floor is NaN; send a log-probability such as log(0.02), or leave it unset")
+        permitted = None
+        if request.permitted_id:
+            permitted = self._permitted.get(request.permitted_id)
+            if permitted is None:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, f"permitted set {request.permitted_id!r} is not "
+                                   "registered here (the server restarted or forgot it); call RegisterPermitted "
+                                   "again and retry")
+            self._permitted.move_to_end(request.permitted_id)
+        return Job.make(ids, mask, request.k, request.permitted_id, permitted, positions)
+
+    def _inputs(self, request: pb.TopKRequest | pb.ScoreRequest) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A request's (input_ids, attention_mask, position_ids or None) as int64 tensors, or ServiceError
+        naming what is wrong with them."""
         invalid = functools.partial(ServiceError, grpc.StatusCode.INVALID_ARGUMENT)
         ids = _unpack(request.input_ids, "input_ids", dtypes=(pb.INT32, pb.INT64), ndim=2)
         batch, length = ids.shape
@@ -399,20 +432,7 @@ class ServingCore:
                 raise invalid(f"position_ids must lie in [0, T = {length}), got values in "
                               f"[{int(positions.min())}, {int(positions.max())}]")
             positions = torch.from_numpy(positions.astype(np.int64))
-        if not 1 <= request.k <= self.config.max_k:
-            raise invalid(f"k must be in [1, max_k = {self.config.max_k}], got {request.k}")
-        if request.HasField("logprob_floor") and math.isnan(request.logprob_floor):
-            raise invalid("logprob_floor is NaN; send a log-probability such as log(0.02), or leave it unset")
-        permitted = None
-        if request.permitted_id:
-            permitted = self._permitted.get(request.permitted_id)
-            if permitted is None:
-                raise ServiceError(grpc.StatusCode.NOT_FOUND, f"permitted set {request.permitted_id!r} is not "
-                                   "registered here (the server restarted or forgot it); call RegisterPermitted "
-                                   "again and retry")
-            self._permitted.move_to_end(request.permitted_id)
-        return Job.make(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)),
-                        request.k, request.permitted_id, permitted, positions)
+        return torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)), positions
 
     def _build_info(self) -> pb.InfoResponse:
         info, spec = self.engine.info(), self._spec
@@ -461,6 +481,9 @@ class GrpcEdge(pb_grpc.SurrogateServicer):
 
     async def TopK(self, request: pb.TopKRequest, context: grpc.aio.ServicerContext) -> pb.TopKResponse:
         return await self._unary(context, "TopK", functools.partial(self._core.topk, request))
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        return await self._unary(context, "Score", functools.partial(self._core.score, request))
 
     async def TopKStream(self, request_iterator: AsyncIterator[pb.TopKRequest],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TopKResponse]:

@@ -71,6 +71,12 @@ class SurrogateSource(Protocol):
         """
         ...
 
+    def score(self, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
+              position_ids: Tensor | None = None) -> Tensor:
+        """[B, T] float32 full-vocabulary log-prob of ``targets`` (-1: none, 0 returned) at each position
+        (contract: ``SurrogateEngine.score``): what the teacher check measures the surrogate by."""
+        ...
+
     def vocabulary(self) -> VocabularySpec: ...
 
     def tokenizer(self) -> PreTrainedTokenizerBase:

@@ -117,8 +117,8 @@ class GuidanceCache:
     is not written (logged once, counted as dropped), so several writers overshoot by at most a shard each.
     """
 
-    def __init__(self, root: str | Path, namespace: Namespace, *, max_bytes: int, vocabulary: VocabularySpec,
-                 tokenizer: Any = None, shard_rows: int = 256, row_group_rows: int = 16, refresh_seconds: float = 30.0):
+    def __init__(self, root: str | Path, namespace: Namespace, *, max_bytes: int,
+                 vocabulary: VocabularySpec | None = None, tokenizer: Any = None, shard_rows: int = 256, row_group_rows: int = 16, refresh_seconds: float = 30.0):
         if namespace.k > np.iinfo(np.uint8).max:
             raise ValueError(f"the guidance cache stores per-position counts as uint8: k={namespace.k} asks for "
                              "more than 255 slots; lower surrogate.k")
@@ -146,12 +146,14 @@ class GuidanceCache:
                  self.dir, len(self._index), len(self._shards), self.bytes / 1e6, self._used / 1e6, max_bytes / 1e9)
 
     # -- the namespace ------------------------------------------------------------------
-    def _create(self, vocabulary: VocabularySpec, tokenizer: Any) -> None:
+    def _create(self, vocabulary: VocabularySpec | None, tokenizer: Any) -> None:
         """Make the namespace directory, the surrogate's vocabulary and tokenizer, and (last) namespace.json,
         unless another writer has; each file is written aside and renamed, so none is ever half there."""
         manifest = self.dir / NAMESPACE_FILE
         if manifest.exists():
             return
+        if vocabulary is None:
+            raise ValueError(f"{self.dir} is a new guidance cache namespace: making it needs the surrogate's vocabulary")
         self.dir.mkdir(parents=True, exist_ok=True)
         aside = self.dir / f".vocabulary.json-{self.writer}"
         aside.write_text(vocabulary.to_json())
@@ -333,6 +335,10 @@ class StoredSurrogate:
             "surrogate is configured: run sdce-precompute with this run's config (same data, max_seq_length, "
             "document_mask), or give --surrogate_model / --surrogate_endpoint to compute what is missing")
 
+    def score(self, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
+              position_ids: Tensor | None = None) -> Tensor:
+        raise ValueError("the surrogate is absent (guidance from the cache alone): it cannot score a text")
+
     def vocabulary(self) -> VocabularySpec:
         return self._spec
 
@@ -409,6 +415,10 @@ class CachedSource:
         logprobs = torch.from_numpy(np.stack([lp for lp, _ in expanded])).to(input_ids.device)
         top_ids = torch.from_numpy(np.stack([i for _, i in expanded])).to(input_ids.device)
         return TopK(logprobs=logprobs, ids=top_ids)
+
+    def score(self, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
+              position_ids: Tensor | None = None) -> Tensor:
+        return self.inner.score(input_ids, attention_mask, targets, position_ids)
 
     def vocabulary(self) -> VocabularySpec:
         return self.inner.vocabulary()

@@ -95,6 +95,14 @@ class UnigramTeacher:
             self._requests += 1
         return TopK(logprobs=out_values, ids=out_ids)
 
+    def score(self, input_ids: Tensor, attention_mask: Tensor, targets: Tensor,
+              position_ids: Tensor | None = None) -> Tensor:
+        """The unigram log-prob of each target (0 where it is -1 or the position attends to nothing)."""
+        by_id = torch.empty_like(self._logprobs).scatter_(0, self._order, self._logprobs)
+        out = by_id.to(targets.device)[targets.long().clamp(min=0)]
+        attends = attention_mask.to(targets.device).long().cumsum(dim=-1) > 0
+        return out.where((targets >= 0) & attends, torch.zeros_like(out))
+
     def vocabulary(self) -> VocabularySpec:
         return self._vocabulary
 

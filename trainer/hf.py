@@ -169,6 +169,9 @@ class SDCETrainer(Trainer):
             raise ValueError("SDCETrainer needs processing_class (the base tokenizer) and train_dataset to align "
                              "the surrogate's vocabulary with the base's")
         cfg = args.surrogate_config()
+        if cfg.control != "none" and surrogate is None:
+            raise ValueError("SDCETrainer builds no control teacher from surrogate_control: pass it as surrogate=, "
+                             "e.g. surrogate=trainer.control.UnigramTeacher.of_blocks(tokenizer, train_dataset)")
         if surrogate is None and not (cfg.name_or_path or cfg.endpoint or cfg.cache_dir):
             raise ValueError(f"loss_type {args.loss_type!r} needs a surrogate: set surrogate_model or "
                              "surrogate_endpoint (or guidance_cache, or pass surrogate=), or use loss_type='standard'")

@@ -7,6 +7,7 @@ its own module (data, guidance, losses, checkpoint, tracking, device).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import math
@@ -31,8 +32,10 @@ from trainer.data import DocumentPositions, build_lm_datasets, build_streaming_d
 from trainer.device import Backend, main_process_first
 from trainer.guidance import CANDIDATE_STAGES, Batch, Guide, guided_batches
 from trainer.losses import IGNORE_INDEX, fused_sdce_loss, sdce_loss
-from trainer.models import build_guide, hidden_states_of, load_base_model, load_tokenizer
+from trainer.alignment import ByteAligner
+from trainer.models import build_guide, hidden_states_of, load_base_model, load_tokenizer, surrogate_length
 from trainer.schedules import surrogate_weight
+from trainer.teacher import MARGIN, byte_lengths, label_bytes, surrogate_loss, verdict
 from trainer.tracking import NullTracker, Tracker
 
 log = logging.getLogger("trainer")
@@ -97,7 +100,8 @@ class Trainer:
         # The first blocks, read once (from a stream too): the alignment's coverage text and its start-up figures.
         sample = self._first_blocks(64)
         text = self.tokenizer.decode(sample["input_ids"].flatten().tolist())
-        self.guide: Guide | None = build_guide(config, self.tokenizer, backend.device, text)
+        self.guide: Guide | None = build_guide(config, self.tokenizer, backend.device, text,
+                                               train_blocks=self.train_set)
         if self.guide is not None and self.guide.inputs is not None:
             measured = self.guide.inputs.measure(sample["input_ids"], sample["labels"])
             log.info("byte alignment on %d blocks: %.1f%% of labelled positions guided, %.2f%% cut by the surrogate "
@@ -115,6 +119,9 @@ class Trainer:
         if self.resume_from is not None:
             self.progress = self._resume(self.resume_from)
         self.tracker = self._tracker()
+        self.byte_lengths = byte_lengths(self.tokenizer).to(backend.device)  # eval/nats_per_byte's denominator
+        self.teacher = self._teacher_check()  # the surrogate's nats per byte on eval text, when measured
+        self._caught_up = False
 
     # -- set-up -----------------------------------------------------------------
     def _check_output_dir(self) -> None:
@@ -150,6 +157,41 @@ class Trainer:
         )
         self.progress.wandb_run_id = tracker.run_id  # saved with every checkpoint: a resumed job continues the run
         return tracker
+
+    @torch.no_grad()
+    def _teacher_check(self) -> dict[str, float] | None:
+        """Once at the start of a guided run (main process): the surrogate's and the base's nats per byte on the
+        first eval blocks, logged in the ``teacher`` section, with a warning when the surrogate is not clearly
+        the stronger (trainer.teacher). Not on XLA, where it would compile graphs used once."""
+        if self.guide is None or not self.backend.is_main or self.backend.kind == "xla":
+            return None
+        rows = [self.eval_set[i] for i in range(min(TEACHER_BLOCKS, len(self.eval_set)))]
+        batch = {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in ("input_ids", "labels")}
+        source, cfg = self.guide.source, self.config
+        try:
+            aligner = self.guide.inputs.aligner if self.guide.inputs is not None else ByteAligner(
+                self.tokenizer, source.tokenizer(),
+                max_surrogate_tokens=surrogate_length(dataclasses.replace(cfg.surrogate, alignment="bytes"),
+                                                      cfg.data.max_seq_length))
+            nats, measured_bytes = surrogate_loss(source, aligner, batch["input_ids"])
+        except (ValueError, RuntimeError, SurrogateUnavailable) as err:
+            log.warning("teacher check not run: %s", err)
+            return None
+        self.model.eval()
+        device_batch = {key: value.to(self.backend.device) for key, value in batch.items()}
+        with self.backend.autocast():
+            forward = self.hidden if self.hidden is not None else self.model
+            _, parts = self._loss(forward, device_batch, loss_type="standard", surrogate_weight=0.0, num_labels=1)
+        self.model.train()
+        base_bytes = float(label_bytes(device_batch["labels"], self.byte_lengths))
+        record = {"surrogate_nats_per_byte": nats / max(measured_bytes, 1.0),
+                  "base_nats_per_byte": float(parts["ce"]) / max(base_bytes, 1.0), "blocks": float(len(rows))}
+        record["surrogate_advantage"] = 1.0 - record["surrogate_nats_per_byte"] / record["base_nats_per_byte"]
+        message = verdict(record["surrogate_nats_per_byte"], record["base_nats_per_byte"])
+        log.log(logging.INFO if record["surrogate_advantage"] >= MARGIN else logging.WARNING,
+                "teacher check on %d eval blocks (the base at step %d): %s", len(rows), self.progress.step, message)
+        self.tracker.log(record, self.progress.step, section="teacher")
+        return record
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config.training
@@ -425,22 +467,33 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Token-level cross-entropy and perplexity of the eval set (all ranks together)."""
         self.ddp_model.eval()
-        total = torch.zeros(2, device=self.backend.device, dtype=torch.float64)
+        total = torch.zeros(3, device=self.backend.device, dtype=torch.float64)
         for batch in self._eval_loader():
             batch = {k: v.to(self.backend.device) for k, v in batch.items()}
             with self.backend.autocast():
                 forward = self.hidden if self.hidden is not None else self.model
                 _, parts = self._loss(forward, batch, loss_type="standard", surrogate_weight=0.0, num_labels=1)
-            total += torch.stack([parts["ce"].double(), parts["num_labels"].double()])
+            text_bytes = label_bytes(batch["labels"], self.byte_lengths).double()
+            total += torch.stack([parts["ce"].double(), parts["num_labels"].double(), text_bytes])
             self.backend.mark_step()
         self.backend.all_reduce_sum(total)
         self.ddp_model.train()
-        ce_sum, count = total.tolist()
+        ce_sum, count, text_bytes = total.tolist()
         loss = ce_sum / max(count, 1.0)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count,
+                "eval_nats_per_byte": ce_sum / max(text_bytes, 1.0)}
 
     def _evaluate_and_log(self, step: int) -> dict[str, float]:
         metrics = self.evaluate()
+        if self.teacher is not None:  # how far ahead of the base its teacher still is, on the eval text
+            metrics["eval_teacher_advantage"] = 1.0 - self.teacher["surrogate_nats_per_byte"] / metrics[
+                "eval_nats_per_byte"]
+            if metrics["eval_teacher_advantage"] < MARGIN and not self._caught_up:
+                self._caught_up = True
+                log.warning("at step %d the base has caught up with its surrogate on the eval text (%.4f vs %.4f "
+                            "nats/byte): from here guidance pulls it toward a model no better than itself; a lower "
+                            "--surrogate_loss_weight_final, fewer steps with guidance or a stronger surrogate would "
+                            "do better", step, metrics["eval_nats_per_byte"], self.teacher["surrogate_nats_per_byte"])
         self.tracker.log(_eval_names(metrics), step, section="eval")
         return metrics
 
@@ -598,6 +651,7 @@ class MetricWindow:
         return waits, stats
 
 
+TEACHER_BLOCKS = 16  # eval blocks the teacher check reads
 STARVED_SHARE = 0.01  # guided share under which a logging window counts as starved of guidance
 STARVED_WINDOWS = 3  # starved windows in a row before the warning
 

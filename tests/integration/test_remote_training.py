@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from surrogate_server import codec
 from surrogate_server.client import RemoteSurrogate
@@ -155,6 +155,25 @@ def test_remote_topk_equals_the_in_process_engine(server, base_dir, surrogate_di
         stats = client.stats()
     assert stats["guidance_requests"] == 2 and stats["guidance_failures"] == 0
     assert 0 < stats["guidance_bytes_per_token"] < 9 * 8 + 8  # int32 id + float32 log-prob per kept slot
+
+
+def test_remote_score_equals_a_slow_reference_and_a_bad_request_fails_alone(server, surrogate_dir):
+    """Score (the teacher check's call): the full-vocabulary log-prob of each target, as model(...).logits gives it."""
+    model = AutoModelForCausalLM.from_pretrained(surrogate_dir).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    mask = torch.ones_like(ids).index_fill_(1, torch.tensor([0, 5]), 0)  # masked keys; position 0 sees nothing
+    targets = ids.roll(-1, dims=1).index_fill_(1, torch.tensor([3, 11]), -1)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    want = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1))[..., 0]
+    want[:, [0, 3, 11]] = 0.0  # attends to nothing / no target
+    with RemoteSurrogate([server.grpc], timeout=10) as client:
+        torch.testing.assert_close(client.score(ids, mask, targets), want, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="targets must be \\[B, T\\] = \\[2, 12\\]"):
+            client.score(ids, mask, targets[:, :5])
+        engine = SurrogateEngine.from_pretrained(str(surrogate_dir), device="cpu", dtype="float32")
+        torch.testing.assert_close(engine.score(ids, mask, targets), want, rtol=0, atol=1e-5)
+        assert client.topk(ids, mask.where(mask > 0, 1), 3).ids.shape == (2, 12, 3)  # the server serves on
 
 
 # -- (2) a remote run trains exactly like an in-process one ------------------------------------

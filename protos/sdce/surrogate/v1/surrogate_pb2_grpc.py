@@ -59,6 +59,11 @@ class SurrogateStub:
                 request_serializer=sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.TopKRequest.SerializeToString,
                 response_deserializer=sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.TopKResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/sdce.surrogate.v1.Surrogate/Score',
+                request_serializer=sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class SurrogateServicer:
@@ -104,6 +109,14 @@ class SurrogateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """The full-vocabulary log-prob of given next tokens: the surrogate's loss on a
+        text (the trainer's teacher check). Not batched with TopK: an occasional call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SurrogateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +144,11 @@ def add_SurrogateServicer_to_server(servicer, server):
                     servicer.TopKStream,
                     request_deserializer=sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.TopKRequest.FromString,
                     response_serializer=sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.TopKResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.ScoreRequest.FromString,
+                    response_serializer=sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +286,33 @@ class Surrogate:
             '/sdce.surrogate.v1.Surrogate/TopKStream',
             sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.TopKRequest.SerializeToString,
             sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.TopKResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdce.surrogate.v1.Surrogate/Score',
+            sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.ScoreRequest.SerializeToString,
+            sdce_dot_surrogate_dot_v1_dot_surrogate__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
