@@ -1,7 +1,7 @@
 """The teacher check: is the surrogate a better model of this text than the base?
 
 Guidance can only pull the base toward what the surrogate knows; a surrogate no stronger than the base
-on the run's text turns SDCE into a costly regulariser (docs/method.md, "Does guidance help here?").
+on the run's text turns SDCE into a costly regulariser (docs/method.md §8).
 Losses of models with different tokenizers compare per byte, not per token: nats per byte = the
 summed negative log-likelihood of the tokens a model predicts / the bytes those tokens stand for
 (``token_bytes``; special tokens stand for none). Both models read the same blocks' text, each in its
