@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -105,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"sdce-precompute: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # torchrun: the job's summary, once
+        print(json.dumps(summary))
     return 0
 
 
