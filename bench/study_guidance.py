@@ -5,7 +5,7 @@ both tokenizers trained on the text, the demo's model sizes and learning rate) o
 tinyshakespeare (``../shared/data/tinyshakespeare/input.txt``, or ``--text``), cut into documents of
 12 speeches, every 50th held out. Two surrogates trained first with plain CE, a weak one
 (``--weak_steps``) and a strong one (``--strong_steps``); then ``trainer.ab`` with each teacher
-(standard, surrogate, kl; the controls with the strong one's run: they use no surrogate), 3 seeds.
+(standard, surrogate, kl; the kl control with the strong one's run: it uses no surrogate), 3 seeds.
 
     python bench/study_guidance.py                   # ~45 min on 2 cores
     python -m trainer.ab --demo --arms standard,surrogate,kl,surrogate_control,kl_control \\
@@ -78,7 +78,7 @@ def main() -> None:
         base = demo.run_config(assets, profile, model_dir=assets.base_dir, output_dir=workdir / f"ab-{strength}",
                                steps=args.steps, loss_type="surrogate", surrogate_dir=teacher)
         base.save(workdir / f"{strength}.yaml")
-        arms = "standard,surrogate,kl" + (",surrogate_control,kl_control" if strength == "strong" else "")
+        arms = "standard,surrogate,kl" + (",kl_control" if strength == "strong" else "")
         subprocess.run([sys.executable, "-m", "trainer.ab", "--config", str(workdir / f"{strength}.yaml"),
                         "--arms", arms, "--seeds", args.seeds, "--no_progress_bar"], cwd=ROOT, check=True)
         print((workdir / f"ab-{strength}" / "report.md").read_text())

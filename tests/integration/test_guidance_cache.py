@@ -101,3 +101,16 @@ def test_new_weights_under_the_same_path_never_read_the_old_guidance(make_config
     second = train(make_config(overrides, tmp_path / "second"))
     assert len(namespaces(cache)) == 2
     assert all(h["guidance_cache_hits"] == 0 and h["guidance_requests"] == 1 for h in second.history)
+
+
+def test_precompute_reads_one_pass_of_a_stream_and_a_streaming_run_needs_no_surrogate(make_config, tmp_path):
+    from trainer.precompute import precompute
+
+    cache = str(tmp_path / "cache")
+    stream = {"data": {"streaming": True, "document_mask": True}, "training": {"max_steps": 4}}
+    summary = precompute(make_config({**stream, "surrogate": {"cache_dir": cache}}, tmp_path / "precompute"))
+    assert summary["computed"] == summary["blocks"] > 16  # every block of the one pass
+    reference = train(make_config(stream, tmp_path / "reference"))
+    absent = train(make_config({**stream, "surrogate": {"name_or_path": None, "cache_dir": cache}}, tmp_path / "run"))
+    assert _per_step(absent.history, "loss") == pytest.approx(_per_step(reference.history, "loss"), abs=1e-6)
+    assert all(h["guidance_cache_misses"] == 0 for h in absent.history)
