@@ -86,20 +86,21 @@ def test_two_ranks_train_like_one_process_with_twice_the_batch(two_ranks, make_c
     assert evals[-1]["loss"] == pytest.approx(reference[-1]["loss"], rel=1e-4)
 
 
-def test_two_ranks_precompute_then_train_from_the_cache_alone(make_config, base_dir, surrogate_dir, train_file,
-                                                              tmp_path):
-    """Each rank of sdce-precompute writes its share of the cache; two ranks then train with the surrogate absent,
-    every rank reading guidance the other computed, and take the steps of one process that asks the surrogate."""
+def test_two_ranks_precompute_then_a_run_trains_from_the_cache_alone(two_ranks, make_config, base_dir,
+                                                                     surrogate_dir, train_file, tmp_path):
+    """Each rank of sdce-precompute writes its share of the cache; a run with the surrogate absent then finds every
+    block (both ranks' shares) and takes the steps of two ranks that asked the surrogate (two_ranks)."""
     cache = str(tmp_path / "cache")
     flags = _flags(base_dir, surrogate_dir, train_file, tmp_path / "precompute", batch=2)[1:]
     done = torchrun(["-m", "trainer.precompute", *flags, "--guidance_cache", cache])
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["computed"] == summary["blocks"] > 0
-    out = tmp_path / "ranks"
-    torchrun(_flags(base_dir, surrogate_dir, train_file, out, batch=2,
-                    extra=["--surrogate_model", "", "--guidance_cache", cache]))
-    assert_same_steps(records(out), one_process(make_config, tmp_path / "one", batch=4), rel=1e-4)
-    assert all(r["guidance_cache_misses"] == 0 and r["guidance_cache_hits"] == 4 for r in records(out))
+    config = {"surrogate": {"name_or_path": None, "cache_dir": cache},
+              "training": {"per_device_train_batch_size": 4, "max_steps": STEPS, "save_steps": 2,
+                           "save_total_limit": None}}
+    train(make_config(config, tmp_path / "one"))
+    assert all(r["guidance_cache_misses"] == 0 and r["guidance_cache_hits"] == 4 for r in records(tmp_path / "one"))
+    assert_same_steps(records(tmp_path / "one"), records(two_ranks[0]), rel=1e-4)
 
 
 def test_rank_zero_alone_logs_and_writes(two_ranks):
