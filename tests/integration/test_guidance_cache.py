@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def small_file(tmp_path, texts) -> Path:
     """A corpus of a few dozen blocks: three epochs in seconds."""
     path = tmp_path / "small.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:25]))
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:12]))
     return path
 
 
@@ -40,7 +40,7 @@ def _three_epochs(make_config, small_file: Path, output_dir: Path, cache: Path |
 def test_epochs_after_the_first_ask_the_surrogate_nothing_and_train_the_same(make_config, small_file, tmp_path):
     plain = _three_epochs(make_config, small_file, tmp_path / "plain", None)
     cached = _three_epochs(make_config, small_file, tmp_path / "cached", tmp_path / "cache")
-    assert len(plain) == len(cached) and len(cached) >= 12
+    assert len(plain) == len(cached) and len(cached) >= 9
     for key in ("loss", "ce", "surrogate_term", "guided_share", "grad_norm"):
         assert _per_step(cached, key) == pytest.approx(_per_step(plain, key), rel=0, abs=1e-6), key
     first = [h for h in cached if h["epoch"] <= 1.0]
