@@ -395,3 +395,17 @@ class DocumentPositions:
         batch = dict(self.collate(rows))
         batch["position_ids"] = document_positions(batch["input_ids"], batch["input_ids"] == self.eos_id)
         return batch
+
+
+def first_blocks(blocks: Any, count: int) -> dict[str, torch.Tensor]:
+    """The first ``count`` training blocks of a map-style dataset or a stream (read once), stacked:
+    ``input_ids`` and ``labels`` [n, T]."""
+    if not isinstance(blocks, torch.utils.data.IterableDataset | datasets.IterableDataset):
+        rows = [blocks[i] for i in range(min(count, len(blocks)))]
+        empty = torch.zeros(0, 0, dtype=torch.long)
+        return {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) if rows else empty
+                for key in ("input_ids", "labels")}
+    rows = list(itertools.islice(iter(blocks), count))
+    if not rows:
+        raise ValueError("the training stream yields no block: check the data, or lower --max_seq_length")
+    return {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "labels")}

@@ -14,7 +14,6 @@ in the cache are skipped: an interrupted run started again computes only what is
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from trainer.cli import build_parser, parse_with
 from trainer.config import TrainConfig
-from trainer.data import build_lm_datasets, build_streaming_datasets
+from trainer.data import build_lm_datasets, build_streaming_datasets, first_blocks
 from trainer.guidance import guided_batches
 from trainer.models import build_guide, load_tokenizer
 from trainer.train import collate_fn, platform
@@ -55,13 +54,11 @@ def precompute(config: TrainConfig, batch_size: int | None = None) -> dict[str, 
                                                  world_size=backend.world_size)
             blocks.set_epoch(0)
             total = None
-            sample = list(itertools.islice(iter(blocks), 64))
         else:
             train_set, _ = build_lm_datasets(config.data, tokenizer, seed=cfg.seed)
             blocks = Subset(train_set, range(backend.rank, len(train_set), backend.world_size))
             total = len(blocks)
-            sample = [blocks[i] for i in range(min(64, total))]
-        text = tokenizer.decode(torch.cat([torch.as_tensor(row["input_ids"]) for row in sample]).tolist())
+        text = tokenizer.decode(first_blocks(blocks, 64)["input_ids"].flatten().tolist())
         guide = build_guide(config, tokenizer, backend.device, text)
         cache = guide.source.cache
         loader = DataLoader(blocks, batch_size=batch_size or cfg.per_device_train_batch_size,

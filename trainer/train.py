@@ -28,7 +28,7 @@ from trainer.checkpoint import (Progress, checkpoints, latest_checkpoint, load_c
                                 remove_checkpoint, resolve_resume, save_checkpoint)
 from surrogate_server.source import SurrogateUnavailable
 from trainer.config import TrainConfig, TrainingConfig
-from trainer.data import DocumentPositions, build_lm_datasets, build_streaming_datasets
+from trainer.data import DocumentPositions, build_lm_datasets, build_streaming_datasets, first_blocks
 from trainer.device import Backend, main_process_first
 from trainer.guidance import CANDIDATE_STAGES, Batch, Guide, guided_batches
 from trainer.losses import IGNORE_INDEX, fused_sdce_loss, sdce_loss
@@ -98,7 +98,7 @@ class Trainer:
         self.data_state: dict | None = None
         self.model = load_base_model(config.model, self.tokenizer, backend, weights_from=self.resume_from)
         # The first blocks, read once (from a stream too): the alignment's coverage text and its start-up figures.
-        sample = self._first_blocks(64)
+        sample = first_blocks(self.train_set, 64)
         text = self.tokenizer.decode(sample["input_ids"].flatten().tolist())
         self.guide: Guide | None = build_guide(config, self.tokenizer, backend.device, text,
                                                train_blocks=self.train_set)
@@ -226,16 +226,6 @@ class Trainer:
         return progress
 
     # -- data -------------------------------------------------------------------
-    def _first_blocks(self, blocks: int) -> dict[str, torch.Tensor]:
-        """The first training blocks (this rank's, when streaming), stacked: ``input_ids`` and ``labels``."""
-        if not self.streaming:
-            rows = self.train_set[: min(blocks, len(self.train_set))]
-            return {key: torch.as_tensor(rows[key]) for key in ("input_ids", "labels")}
-        rows = list(itertools.islice(iter(self.train_set), blocks))
-        if not rows:
-            raise ValueError("the training stream yields no block: check the data, or lower --max_seq_length")
-        return {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "labels")}
-
     def _loader(self, dataset: Any, sampler: Any, batch_size: int, drop_last: bool, collate_fn: Any = None,
                 kind: type[DataLoader] = DataLoader) -> DataLoader:
         return kind(
